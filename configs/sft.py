@@ -1,0 +1,39 @@
+"""Supervised fine-tuning on prompt/response records.
+
+Presets: ``demo`` (the main job: a ~2M-parameter model learns the embedded
+tasks on a 2-core CPU in a few minutes) and ``test`` (tiny, seconds).
+
+    python -m launch.train --config=configs/sft.py:demo --workdir=/tmp/sft
+"""
+
+from jaxalign.config import base_config, model_config
+
+
+def get_config(arg: str = "demo"):
+    config = base_config("sft")
+    if arg == "demo":
+        config.model = model_config("small")
+        config.data.max_len = 32
+        config.train.steps = 600
+        config.train.batch_size = 64
+        config.train.log_every = 25
+        config.train.eval_every = 150
+        config.optim.learning_rate = 3e-3
+        config.optim.warmup_steps = 50
+        config.checkpoint.save_every = 150
+    elif arg == "test":
+        config.model = model_config("tiny")
+        config.train.steps = 30
+        config.train.batch_size = 32
+        config.train.log_every = 5
+        config.train.eval_every = 15
+        config.train.eval_batches = 2
+        config.optim.learning_rate = 1e-2
+        config.optim.warmup_steps = 3
+        config.checkpoint.save_every = 10
+        config.checkpoint.async_save = False
+        config.metrics.peak_flops = 1e11
+    else:
+        raise ValueError(f"unknown preset {arg!r} for configs/sft.py; known: demo, test")
+    config.lock()
+    return config

@@ -1,0 +1,294 @@
+"""The training loop shared by every stage: init/restore, jit, step, eval, log, checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxalign import algos
+from jaxalign import sharding as shd
+from jaxalign import step as step_lib
+from jaxalign.checkpoint import Checkpointer, abstract_with_shardings
+from jaxalign.config import to_json
+from jaxalign.data.tokenizer import check_vocab, load_tokenizer
+from jaxalign.mesh import make_mesh, maybe_initialize_distributed
+from jaxalign.metrics import JsonlWriter, Progress, Throughput, peak_flops_probe, to_python
+from jaxalign.models.transformer import Transformer, TransformerConfig
+from jaxalign.optim import make_optimizer
+
+# Model fields that change parameter shapes or meaning: a checkpoint written
+# with other values cannot be resumed.
+_SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+               "mlp_dim", "qkv_bias", "qk_norm", "tie_embeddings", "param_dtype")
+
+
+def check_batch_layout(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    """Batch sizes must split evenly over micro-batches and data-parallel devices."""
+    b, a = config.train.batch_size, config.train.micro_batches
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if a < 1 or b % a:
+        raise ValueError(f"train.batch_size={b} is not divisible by train.micro_batches={a}")
+    if (b // a) % dp:
+        raise ValueError(
+            f"micro-batch size {b // a} (train.batch_size={b} / train.micro_batches={a}) is not "
+            f"divisible by the data-parallel size {dp} (mesh data={mesh.shape['data']} x "
+            f"fsdp={mesh.shape['fsdp']})")
+    if config.data.eval_batch_size % dp:
+        raise ValueError(f"data.eval_batch_size={config.data.eval_batch_size} is not divisible "
+                         f"by the data-parallel size {dp}")
+
+
+def check_workdir_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Refuses to resume a workdir whose checkpoints come from another model or stage."""
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    path = os.path.join(workdir, "config.json")
+    if not (os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir) and os.path.exists(path)):
+        return
+    with open(path, encoding="utf-8") as f:
+        old = json.load(f)
+    diffs = []
+    if old.get("stage") != config.stage:
+        diffs.append(f"stage: {old.get('stage')!r} -> {config.stage!r}")
+    for k in _SHAPE_KEYS:
+        before, now = old.get("model", {}).get(k), config.model.get(k)
+        if before != now:
+            diffs.append(f"model.{k}: {before!r} -> {now!r}")
+    if diffs:
+        raise ValueError(
+            f"workdir {workdir} holds checkpoints from an incompatible config ("
+            + "; ".join(diffs) + "). Use a new --workdir or restore the old values.")
+
+
+def state_layout(config: ml_collections.ConfigDict, model_cfg: TransformerConfig,
+                 tx: optax.GradientTransformation, mesh: Mesh, rules: shd.Rules):
+    """Abstract train state and its shardings, derived without any compute.
+
+    Returns ``(model_def, abstract_state, state_shardings, init_fn)`` where
+    ``init_fn()`` builds the real state (jit it with ``out_shardings``).
+    """
+    def new_model():
+        return Transformer(model_cfg, rngs=nnx.Rngs(params=config.seed))
+
+    def init_fn():
+        params = nnx.to_pure_dict(nnx.state(new_model(), nnx.Param))
+        return {
+            "params": params,
+            "opt_state": tx.init(params),
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.PRNGKey(config.seed),
+            "nonfinite_count": jnp.zeros((), jnp.int32),
+            "first_nonfinite_step": jnp.full((), -1, jnp.int32),
+        }
+
+    graphdef, abstract_nnx = nnx.split(nnx.eval_shape(new_model), nnx.Param)
+    abstract_state = jax.eval_shape(init_fn)
+    axes = shd.logical_axes_tree(abstract_nnx)
+    params_sh = shd.param_shardings(abstract_state["params"], axes, mesh, rules)
+    rep = shd.replicated(mesh)
+    shardings = {
+        "params": params_sh,
+        "opt_state": shd.state_shardings_like(abstract_state["opt_state"],
+                                              abstract_state["params"], params_sh, mesh),
+        "step": rep, "rng": rep, "nonfinite_count": rep, "first_nonfinite_step": rep,
+    }
+    return step_lib.ModelDef(graphdef, abstract_nnx), abstract_state, shardings, init_fn
+
+
+class Trainer:
+    """Holds the jitted functions and state of one run; ``fit()`` runs the loop."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str,
+                 mesh: Mesh | None = None):
+        maybe_initialize_distributed()
+        self.config = config
+        self.workdir = workdir
+        self.mesh = mesh if mesh is not None else make_mesh(config.mesh)
+        check_batch_layout(config, self.mesh)
+        self.stage = algos.get_stage(config.stage)
+        self.model_cfg = TransformerConfig.from_mapping(config.model)
+        if config.model.init_from != "scratch":
+            raise ValueError(f"model.init_from={config.model.init_from!r}: only 'scratch' is "
+                             "supported so far")
+        if config.train.nonfinite not in ("stop", "skip"):
+            raise ValueError(f"train.nonfinite={config.train.nonfinite!r}; expected stop or skip")
+        check_workdir_compatible(workdir, config)
+        os.makedirs(workdir, exist_ok=True)
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+                f.write(to_json(config))
+
+        self.tokenizer = load_tokenizer(config.tokenizer)
+        check_vocab(self.tokenizer, self.model_cfg.vocab_size)
+        pinfo = dict(process_index=jax.process_index(), process_count=jax.process_count())
+        self.train_data = self.stage.build_data(config, self.tokenizer, "train", **pinfo)
+        self.eval_data = (self.stage.build_data(config, self.tokenizer, "eval", **pinfo)
+                          if config.data.eval else None)
+
+        self.rules = shd.rules_from_config(config.sharding.rules)
+        self.tx, self.schedule = make_optimizer(config.optim, config.train.steps)
+        self._build_state_layout()
+        self.checkpointer = Checkpointer(
+            os.path.join(workdir, "checkpoints"), save_every=config.checkpoint.save_every,
+            keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+        self.state, self.data_state = self._init_or_restore()
+        self._train_step = jax.jit(
+            step_lib.make_train_step(
+                self.stage.loss_fn, model_def=self.model_def, tx=self.tx,
+                schedule=self.schedule, num_micro=config.train.micro_batches, mesh=self.mesh,
+                rules=self.rules),
+            in_shardings=(self.state_shardings, None), out_shardings=(self.state_shardings, None),
+            donate_argnums=0)
+        self._eval_step = jax.jit(step_lib.make_eval_step(
+            self.stage.loss_fn, model_def=self.model_def, mesh=self.mesh, rules=self.rules),
+            in_shardings=(self.state_shardings["params"], None))
+
+    # -- state -----------------------------------------------------------------
+
+    def _build_state_layout(self) -> None:
+        layout = state_layout(self.config, self.model_cfg, self.tx, self.mesh, self.rules)
+        self.model_def, self.abstract_state, self.state_shardings, self._init_state = layout
+
+    def _init_or_restore(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        latest = self.checkpointer.latest_step()
+        if latest is None:
+            state = jax.jit(self._init_state, out_shardings=self.state_shardings)()
+            return state, {"batch_index": 0}
+        target = abstract_with_shardings(self.abstract_state, self.state_shardings)
+        state, data_state = self.checkpointer.restore(latest, target)
+        logging.info("resumed from step %d (%s)", latest, self.checkpointer.directory)
+        return state, data_state
+
+    # -- loop ------------------------------------------------------------------
+
+    def _eval(self) -> dict[str, float]:
+        sums: dict[str, np.ndarray] = {}
+        limit = self.config.train.eval_batches
+        for i, host in enumerate(self.eval_data.eval_batches()):
+            if limit and i >= limit:
+                break
+            out = self._eval_step(self.state["params"], shd.global_batch(host, self.mesh))
+            for k, (s, c) in jax.device_get(out).items():
+                prev = sums.get(k, np.zeros(2))
+                sums[k] = prev + np.array([float(s), float(c)])
+        return {k: float(s / max(c, 1.0)) for k, (s, c) in sums.items()}
+
+    def _check_nonfinite(self, metrics: dict[str, float]) -> None:
+        first = int(jax.device_get(self.state["first_nonfinite_step"]))
+        if first < 0 or self.config.train.nonfinite == "skip":
+            return
+        last = self.checkpointer.latest_step()
+        raise FloatingPointError(
+            f"non-finite loss, gradient or update at step {first + 1} (at the last logged step: "
+            f"loss={metrics.get('loss')}, grad_norm={metrics.get('grad_norm')}, "
+            f"update_norm={metrics.get('update_norm')}); the update was not applied. "
+            f"Last checkpoint: {'none' if last is None else f'step {last}'} in "
+            f"{self.checkpointer.directory}. Lower optim.learning_rate, check the data, or set "
+            "train.nonfinite=skip to skip such updates.")
+
+    def fit(self, num_steps: int | None = None) -> dict[str, Any]:
+        """Runs from the current step to ``train.steps``; returns the last metrics.
+
+        Args:
+          num_steps: stop after this many steps (checkpointing there) instead of at
+            ``train.steps``; the schedule still spans ``train.steps``.
+        """
+        cfg = self.config.train
+        writer = JsonlWriter(self.workdir)
+        progress = Progress(cfg.steps)
+        start = int(jax.device_get(self.state["step"]))
+        seq_len = self.config.data.max_len
+        flops_tok = self.model_cfg.flops_per_token(seq_len)
+        # Fake CPU devices share one host's cores: the probe already measures the whole host.
+        n_chips = 1 if jax.devices()[0].platform == "cpu" else jax.device_count()
+        peak = self.config.metrics.peak_flops or peak_flops_probe() * n_chips
+        peak_src = "config" if self.config.metrics.peak_flops else "matmul probe"
+        progress.line(
+            f"model: {self.model_cfg.matmul_params():,} matmul params; FLOPs/token = "
+            f"6*N_matmul + 6*L*T*D = 6*{self.model_cfg.matmul_params()} + "
+            f"6*{self.model_cfg.n_layers}*{seq_len}*{self.model_cfg.d_model} = {flops_tok:.3e}; "
+            f"peak {peak:.3e} FLOP/s ({peak_src})")
+        progress.line(f"mesh {dict(self.mesh.shape)} on {jax.device_count()} "
+                      f"{jax.devices()[0].platform} devices; starting at step {start}")
+
+        compiled = self._compile()
+        throughput = Throughput(flops_tok, peak)
+        last_train: dict[str, float] = {}
+        last_eval: dict[str, float] = {}
+        t_start = time.perf_counter()
+        metrics = None
+        try:
+            stop = cfg.steps if num_steps is None else min(cfg.steps, start + num_steps)
+            for step in range(start, stop):
+                host = self.train_data.batch(self.data_state["batch_index"])
+                batch = shd.global_batch(host, self.mesh)
+                self.state, metrics = compiled(self.state, batch)
+                self.data_state = {"batch_index": self.data_state["batch_index"] + 1}
+                throughput.add_tokens(self.stage.tokens_per_batch(host) * jax.process_count())
+                done = step + 1
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    last_train = to_python(metrics)
+                    last_train.update(throughput.read())
+                    self._check_nonfinite(last_train)
+                    writer.write(done, "train", last_train)
+                    rate = (time.perf_counter() - t_start) / max(done - start, 1)
+                    progress.update(done, last_train, rate * (cfg.steps - done))
+                if self.eval_data is not None and (done % cfg.eval_every == 0
+                                                   or done == cfg.steps):
+                    last_eval = self._eval()
+                    writer.write(done, "eval", last_eval)
+                    progress.line(f"eval @ {done}: " + ", ".join(
+                        f"{k} {v:.4f}" for k, v in sorted(last_eval.items())))
+                    throughput.reset()
+                self.checkpointer.save(done, self.state, self.data_state)
+            end = int(jax.device_get(self.state["step"]))
+            if self.checkpointer.latest_step() != end:
+                self.checkpointer.save(end, self.state, self.data_state, force=True)
+        finally:
+            self.checkpointer.wait()
+            writer.close()
+        skipped = int(jax.device_get(self.state["nonfinite_count"]))
+        if skipped:
+            logging.warning("%d update(s) skipped for non-finite loss or gradient", skipped)
+        return {"train": last_train, "eval": last_eval, "nonfinite_skipped": skipped,
+                "wall_s": time.perf_counter() - t_start}
+
+    def _compile(self):
+        host = self.train_data.batch(self.data_state["batch_index"])
+        abstract_batch = {
+            k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(), *v.shape[1:]), v.dtype,
+                                    sharding=shd.batch_sharding(self.mesh, v.ndim))
+            for k, v in host.items()}
+        t0 = time.perf_counter()
+        compiled = self._train_step.lower(self.state, abstract_batch).compile()
+        msg = f"train_step compiled in {time.perf_counter() - t0:.1f}s"
+        mem = compiled.memory_analysis()
+        if mem is not None:
+            msg += (f"; per-device bytes: arguments {mem.argument_size_in_bytes:,}, "
+                    f"temp {mem.temp_size_in_bytes:,}, output {mem.output_size_in_bytes:,}")
+        Progress(0).line(msg)
+        return compiled
+
+    def close(self) -> None:
+        self.checkpointer.close()
+
+
+def train(config: ml_collections.ConfigDict, workdir: str,
+          mesh: Mesh | None = None) -> dict[str, Any]:
+    """Trains ``config.stage`` in ``workdir`` (resuming if it holds checkpoints)."""
+    trainer = Trainer(config, workdir, mesh=mesh)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+

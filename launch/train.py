@@ -1,0 +1,33 @@
+"""Train any stage: ``python -m launch.train --config=configs/<stage>.py[:preset] --workdir=DIR``.
+
+Override any config value with ``--config.<key>=<value>``; unknown keys are errors.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from jaxalign.train import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file[:preset].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config, metrics, checkpoints).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        # Library INFO logs (Orbax, XLA) drown the progress lines; --verbosity=0 brings them back.
+        logging.set_verbosity(logging.WARNING)
+    summary = train(_CONFIG.value, _WORKDIR.value)
+    print(f"done: final train {summary['train']}, eval {summary['eval']}")
+
+
+def run_main():
+    """Console-script entry point (``jaxalign-train``)."""
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run_main()
