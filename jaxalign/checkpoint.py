@@ -8,6 +8,8 @@ crash or kill is never listed, let alone restored.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import Any
 
@@ -15,12 +17,56 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+# Orbax detects a truncated file only by a failed read deep inside TensorStore and
+# does not notice flipped bytes at all, so every finished checkpoint gets a
+# manifest of SHA-256 digests that is checked before it is restored.
+MANIFEST = "jaxalign_manifest.json"
+
+
+def _digests(step_dir: str) -> dict[str, str]:
+    out = {}
+    for root, _, files in os.walk(step_dir):
+        for name in sorted(files):
+            if name in (MANIFEST, MANIFEST + ".tmp"):
+                continue
+            path = os.path.join(root, name)
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            out[os.path.relpath(path, step_dir)] = h.hexdigest()
+    return out
+
+
+def verify_step_dir(step_dir: str) -> str | None:
+    """Why the checkpoint in ``step_dir`` is damaged, or None if it matches its manifest.
+
+    A checkpoint without a manifest (the process died between Orbax's commit and
+    the manifest write) is not rejected here; Orbax's own reads still check it.
+    """
+    path = os.path.join(step_dir, MANIFEST)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            want = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"unreadable manifest ({e})"
+    have = _digests(step_dir)
+    for rel, digest in sorted(want.items()):
+        if rel not in have:
+            return f"missing file {rel}"
+        if have[rel] != digest:
+            return f"checksum mismatch in {rel}"
+    return None
+
 
 class Checkpointer:
     """Thin wrapper over ``ocp.CheckpointManager`` for one workdir."""
 
     def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True):
         self.directory = os.path.abspath(directory)
+        self.save_every = max(int(save_every), 1)
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=max(int(save_every), 1),
             max_to_keep=int(keep) if keep and keep > 0 else None,
@@ -30,6 +76,23 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data"))
 
+    def _step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def _write_manifests(self, skip: int | None = None) -> None:
+        """Digests every finished checkpoint that has no manifest yet (process 0 only)."""
+        if jax.process_index() != 0:
+            return
+        for step in self._manager.all_steps():
+            step_dir = self._step_dir(step)
+            if step == skip or os.path.exists(os.path.join(step_dir, MANIFEST)):
+                continue
+            digests = _digests(step_dir)
+            tmp = os.path.join(step_dir, MANIFEST + ".tmp")
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(digests, f, indent=0, sort_keys=True)
+            os.replace(tmp, os.path.join(step_dir, MANIFEST))
+
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
@@ -38,15 +101,20 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_state: dict[str, Any], *,
              force: bool = False) -> bool:
-        """Starts an (async) save if ``step`` is due, or always with ``force``."""
+        """Starts an (async) save if ``step`` is a multiple of ``save_every``, or with ``force``."""
+        # The schedule is decided here, not by Orbax, which also saves the first step it sees.
+        if not force and step % self.save_every:
+            return False
         saved = self._manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                     data=ocp.args.JsonSave(data_state)),
-            force=force,
+            force=True,
         )
         if saved:
             logging.info("checkpoint: saving step %d to %s", step, self.directory)
+            # Orbax finishes the previous async save before starting this one.
+            self._write_manifests(skip=step)
         return saved
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
@@ -58,11 +126,39 @@ class Checkpointer:
         )
         return restored["state"], dict(restored["data"] or {})
 
+    def restore_latest_intact(self, abstract_state: Any
+                              ) -> tuple[int, Any, dict[str, Any]] | None:
+        """Restores the newest checkpoint that verifies and reads; None if there are none.
+
+        Damaged checkpoints are skipped with a warning naming the step and the
+        reason.
+
+        Raises:
+          RuntimeError: checkpoints exist but none of them can be restored.
+        """
+        problems = []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            reason = verify_step_dir(self._step_dir(step))
+            if reason is None:
+                try:
+                    state, data_state = self.restore(step, abstract_state)
+                    return step, state, data_state
+                except Exception as e:  # noqa: BLE001 - any read failure means "damaged"
+                    reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            problems.append(f"step {step}: {reason}")
+            logging.warning("checkpoint step %d in %s is damaged (%s); trying an older one",
+                            step, self.directory, reason)
+        if problems:
+            raise RuntimeError(f"no intact checkpoint in {self.directory}: " + "; ".join(problems)
+                               + ". Move the directory away to start from scratch.")
+        return None
+
     def wait(self) -> None:
         self._manager.wait_until_finished()
+        self._write_manifests()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        self.wait()
         self._manager.close()
 
 

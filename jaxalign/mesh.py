@@ -25,6 +25,10 @@ def maybe_initialize_distributed() -> None:
     """
     if jax.distributed.is_initialized():
         return
+    if any(os.environ.get(k) for k in ("JAXALIGN_DISTRIBUTED", "JAXALIGN_COORDINATOR_ADDRESS",
+                                       "JAX_COORDINATOR_ADDRESS")):
+        # CPU processes need gloo for cross-process collectives; other backends ignore it.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if os.environ.get("JAXALIGN_DISTRIBUTED") == "auto":
         jax.distributed.initialize()
     elif os.environ.get("JAXALIGN_COORDINATOR_ADDRESS"):

@@ -28,11 +28,22 @@ class JsonlWriter:
     ("nan", "inf") so every line stays valid JSON.
     """
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, truncate_after: int | None = None):
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._file: TextIO | None = None
-        if jax.process_index() == 0:
-            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        if jax.process_index() != 0:
+            return
+        if truncate_after is not None and os.path.exists(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                lines = f.readlines()
+            # A torn last line (killed mid-write) is dropped with the rows past the step.
+            keep = [ln for ln in lines if ln.endswith("\n") and _row_step(ln) <= truncate_after]
+            if len(keep) != len(lines):
+                tmp = self.path + ".tmp"
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.writelines(keep)
+                os.replace(tmp, self.path)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
 
     def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
         if self._file is None:
@@ -47,6 +58,13 @@ class JsonlWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _row_step(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:

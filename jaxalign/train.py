@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -14,6 +16,7 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from jaxalign import algos
@@ -24,13 +27,14 @@ from jaxalign.config import to_json
 from jaxalign.data.tokenizer import check_vocab, load_tokenizer
 from jaxalign.mesh import make_mesh, maybe_initialize_distributed
 from jaxalign.metrics import JsonlWriter, Progress, Throughput, peak_flops_probe, to_python
+from jaxalign.models import init_from
 from jaxalign.models.transformer import Transformer, TransformerConfig
 from jaxalign.optim import make_optimizer
 
 # Model fields that change parameter shapes or meaning: a checkpoint written
 # with other values cannot be resumed.
 _SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-               "mlp_dim", "qkv_bias", "qk_norm", "tie_embeddings", "param_dtype")
+               "mlp_dim", "qkv_bias", "qk_norm", "tie_embeddings", "post_norms", "param_dtype")
 
 
 def check_batch_layout(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
@@ -75,13 +79,15 @@ def state_layout(config: ml_collections.ConfigDict, model_cfg: TransformerConfig
     """Abstract train state and its shardings, derived without any compute.
 
     Returns ``(model_def, abstract_state, state_shardings, init_fn)`` where
-    ``init_fn()`` builds the real state (jit it with ``out_shardings``).
+    ``init_fn()`` builds the real state (jit it with ``out_shardings``), and
+    ``init_fn(params)`` builds it around given initial params (``model.init_from``).
     """
     def new_model():
         return Transformer(model_cfg, rngs=nnx.Rngs(params=config.seed))
 
-    def init_fn():
-        params = nnx.to_pure_dict(nnx.state(new_model(), nnx.Param))
+    def init_fn(params=None):
+        if params is None:
+            params = nnx.to_pure_dict(nnx.state(new_model(), nnx.Param))
         return {
             "params": params,
             "opt_state": tx.init(params),
@@ -105,21 +111,35 @@ def state_layout(config: ml_collections.ConfigDict, model_cfg: TransformerConfig
     return step_lib.ModelDef(graphdef, abstract_nnx), abstract_state, shardings, init_fn
 
 
+def _install_sigterm_handler(trainer: Trainer) -> Callable[[], None]:
+    """SIGTERM sets a flag checked at the next step boundary; returns the restorer."""
+    trainer._sigterm = False
+
+    def handler(signum, frame):
+        trainer._sigterm = True
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. a notebook worker): no handler
+        return lambda: None
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
 class Trainer:
     """Holds the jitted functions and state of one run; ``fit()`` runs the loop."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str,
                  mesh: Mesh | None = None):
         maybe_initialize_distributed()
+        self._sigterm = False
         self.config = config
         self.workdir = workdir
         self.mesh = mesh if mesh is not None else make_mesh(config.mesh)
         check_batch_layout(config, self.mesh)
         self.stage = algos.get_stage(config.stage)
+        # An hf:/workdir: source dictates the architecture (changed keys are logged).
+        self.config = config = init_from.resolve_config(config)
         self.model_cfg = TransformerConfig.from_mapping(config.model)
-        if config.model.init_from != "scratch":
-            raise ValueError(f"model.init_from={config.model.init_from!r}: only 'scratch' is "
-                             "supported so far")
         if config.train.nonfinite not in ("stop", "skip"):
             raise ValueError(f"train.nonfinite={config.train.nonfinite!r}; expected stop or skip")
         check_workdir_compatible(workdir, config)
@@ -130,6 +150,8 @@ class Trainer:
 
         self.tokenizer = load_tokenizer(config.tokenizer)
         check_vocab(self.tokenizer, self.model_cfg.vocab_size)
+        init_from.check_hf_tokenizer(config.model.init_from, config.tokenizer,
+                                     self.model_cfg.vocab_size)
         pinfo = dict(process_index=jax.process_index(), process_count=jax.process_count())
         self.train_data = self.stage.build_data(config, self.tokenizer, "train", **pinfo)
         self.eval_data = (self.stage.build_data(config, self.tokenizer, "eval", **pinfo)
@@ -160,13 +182,18 @@ class Trainer:
         self.model_def, self.abstract_state, self.state_shardings, self._init_state = layout
 
     def _init_or_restore(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        latest = self.checkpointer.latest_step()
-        if latest is None:
-            state = jax.jit(self._init_state, out_shardings=self.state_shardings)()
-            return state, {"batch_index": 0}
         target = abstract_with_shardings(self.abstract_state, self.state_shardings)
-        state, data_state = self.checkpointer.restore(latest, target)
-        logging.info("resumed from step %d (%s)", latest, self.checkpointer.directory)
+        restored = self.checkpointer.restore_latest_intact(target)
+        if restored is None:
+            # Only a fresh run starts from init_from; a resumed one prefers its own checkpoint.
+            params = init_from.load_params(
+                self.config.model.init_from, self.model_cfg, self.abstract_state["params"],
+                self.state_shardings["params"])
+            init = jax.jit(self._init_state, out_shardings=self.state_shardings)
+            state = init() if params is None else init(params)
+            return state, {"batch_index": 0}
+        step, state, data_state = restored
+        logging.info("resumed from step %d (%s)", step, self.checkpointer.directory)
         return state, data_state
 
     # -- loop ------------------------------------------------------------------
@@ -204,9 +231,11 @@ class Trainer:
             ``train.steps``; the schedule still spans ``train.steps``.
         """
         cfg = self.config.train
-        writer = JsonlWriter(self.workdir)
-        progress = Progress(cfg.steps)
         start = int(jax.device_get(self.state["step"]))
+        # Rows past the restored step were logged by a run that died before its next
+        # checkpoint; this run recomputes them.
+        writer = JsonlWriter(self.workdir, truncate_after=start)
+        progress = Progress(cfg.steps)
         seq_len = self.config.data.max_len
         flops_tok = self.model_cfg.flops_per_token(seq_len)
         # Fake CPU devices share one host's cores: the probe already measures the whole host.
@@ -227,6 +256,8 @@ class Trainer:
         last_eval: dict[str, float] = {}
         t_start = time.perf_counter()
         metrics = None
+        preempted = False
+        restore_handler = _install_sigterm_handler(self)
         try:
             stop = cfg.steps if num_steps is None else min(cfg.steps, start + num_steps)
             for step in range(start, stop):
@@ -251,17 +282,34 @@ class Trainer:
                         f"{k} {v:.4f}" for k, v in sorted(last_eval.items())))
                     throughput.reset()
                 self.checkpointer.save(done, self.state, self.data_state)
+                if self._preemption_requested(done):
+                    preempted = True
+                    progress.line(f"preempted at step {done}: checkpointing and exiting; rerun "
+                                  "the same command to resume")
+                    break
             end = int(jax.device_get(self.state["step"]))
             if self.checkpointer.latest_step() != end:
                 self.checkpointer.save(end, self.state, self.data_state, force=True)
         finally:
+            restore_handler()
             self.checkpointer.wait()
             writer.close()
         skipped = int(jax.device_get(self.state["nonfinite_count"]))
         if skipped:
             logging.warning("%d update(s) skipped for non-finite loss or gradient", skipped)
         return {"train": last_train, "eval": last_eval, "nonfinite_skipped": skipped,
-                "wall_s": time.perf_counter() - t_start}
+                "preempted": preempted, "wall_s": time.perf_counter() - t_start}
+
+    def _preemption_requested(self, step: int) -> bool:
+        if self._sigterm:
+            return True
+        if jax.process_count() > 1:
+            # All processes agree on the step at which to stop (JAX's preemption service).
+            try:
+                return multihost_utils.reached_preemption_sync_point(step)
+            except RuntimeError:
+                return False
+        return False
 
     def _compile(self):
         host = self.train_data.batch(self.data_state["batch_index"])

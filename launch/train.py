@@ -21,7 +21,13 @@ def main(argv):
         # Library INFO logs (Orbax, XLA) drown the progress lines; --verbosity=0 brings them back.
         logging.set_verbosity(logging.WARNING)
     summary = train(_CONFIG.value, _WORKDIR.value)
-    print(f"done: final train {summary['train']}, eval {summary['eval']}")
+    if summary["preempted"]:
+        print(f"stopped by SIGTERM after a checkpoint in {_WORKDIR.value}")
+        return
+    fmt = lambda m: ", ".join(f"{k} {v:.4g}" for k, v in sorted(m.items()))  # noqa: E731
+    print(f"done in {summary['wall_s']:.0f}s. final train: {fmt(summary['train'])}")
+    if summary["eval"]:
+        print(f"final eval: {fmt(summary['eval'])}")
 
 
 def run_main():
