@@ -1,0 +1,185 @@
+"""B1 (SFT MFU), B2 (framework overhead) and B11 (state bytes) in one process.
+
+B2 compares jaxalign's jitted SFT step with a minimal pure-JAX step of the same
+math (``reference_step`` below: same parameters, same AdamW, same masked
+cross-entropy), interleaved per repetition as BENCHMARKS.md asks.
+
+    python -m benchmarks.sft_step            # the 27M-parameter shape of BENCHMARKS.md
+    python -m benchmarks.sft_step --quick    # a small shape, well under a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxalign import sharding as shd
+from jaxalign import step as step_lib
+from jaxalign.algos import sft
+from jaxalign.config import base_config
+from jaxalign.mesh import make_mesh
+from jaxalign.models.transformer import TransformerConfig
+from jaxalign.optim import make_optimizer
+from jaxalign.train import state_layout
+
+SHAPES = {
+    "full": dict(model=dict(vocab_size=8192, d_model=512, n_layers=6, n_heads=8, n_kv_heads=4,
+                            head_dim=64, mlp_dim=1536), batch=8, seq=256),
+    "quick": dict(model=dict(vocab_size=2048, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2,
+                             head_dim=64, mlp_dim=768), batch=8, seq=128),
+}
+
+
+def _rms(x, w, eps):
+    return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + eps) * w
+
+
+def _rope(x_btnh, pos_bt, theta):
+    h = x_btnh.shape[-1]
+    inv = 1.0 / theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+    ang = pos_bt[..., None].astype(jnp.float32) * inv
+    cos, sin = jnp.cos(ang)[:, :, None], jnp.sin(ang)[:, :, None]
+    a, b = jnp.split(x_btnh, 2, -1)
+    return jnp.concatenate([a * cos - b * sin, b * cos + a * sin], -1)
+
+
+def reference_loss(p, cfg: TransformerConfig, batch):
+    """Llama forward + masked mean NLL, written directly against the params dict."""
+    tok, tgt = batch["inputs_bt"], batch["targets_bt"]
+    mask, pos, seg = batch["loss_mask_bt"], batch["positions_bt"], batch["segment_ids_bt"]
+    t = tok.shape[1]
+    allowed = (jnp.tril(jnp.ones((t, t), bool))[None] & (seg[:, :, None] == seg[:, None, :]))
+    x = p["embed"][tok]
+    g = cfg.n_heads // cfg.n_kv_heads
+    for lp in p["layers"].values():
+        a = lp["attn"]
+        h = _rms(x, lp["attn_norm"]["scale"], cfg.norm_eps)
+        q = _rope(jnp.einsum("btd,dnh->btnh", h, a["q_proj"]), pos, cfg.rope_theta)
+        k = _rope(jnp.einsum("btd,dkh->btkh", h, a["k_proj"]), pos, cfg.rope_theta)
+        v = jnp.einsum("btd,dkh->btkh", h, a["v_proj"])
+        q = q.reshape(*q.shape[:2], cfg.n_kv_heads, g, cfg.head_dim)
+        s = jnp.einsum("btkgh,bskh->bkgts", q, k) * cfg.head_dim ** -0.5
+        s = jnp.where(allowed[:, None, None], s, -1e30)
+        o = jnp.einsum("bkgts,bskh->btkgh", jax.nn.softmax(s, -1), v)
+        x = x + jnp.einsum("btnh,nhd->btd", o.reshape(*o.shape[:2], -1, cfg.head_dim),
+                           a["o_proj"])
+        m = lp["mlp"]
+        h = _rms(x, lp["mlp_norm"]["scale"], cfg.norm_eps)
+        x = x + (jax.nn.silu(h @ m["gate_proj"]) * (h @ m["up_proj"])) @ m["down_proj"]
+    logits = _rms(x, p["final_norm"]["scale"], cfg.norm_eps) @ p["unembed"]
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits), tgt[..., None], -1)[..., 0]
+    return -jnp.sum(logp * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def peak_probe() -> float:
+    a = jnp.ones((2048, 2048), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 2048**3 / best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--reps", type=int, default=7)
+    args = parser.parse_args()
+    shape = SHAPES["quick" if args.quick else "full"]
+
+    config = base_config("sft")
+    config.model.update(shape["model"])
+    config.train.batch_size = shape["batch"]
+    config.data.max_len = shape["seq"]
+    model_cfg = TransformerConfig.from_mapping(config.model)
+    mesh = make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    rules = shd.rules_from_config(config.sharding.rules)
+    tx, schedule = make_optimizer(config.optim, 1000)
+    model_def, abstract, shardings, init_fn = state_layout(config, model_cfg, tx, mesh, rules)
+    train_step = jax.jit(step_lib.make_train_step(
+        sft.loss_fn, model_def=model_def, tx=tx, schedule=schedule, num_micro=1, mesh=mesh,
+        rules=rules), in_shardings=(shardings, None), out_shardings=(shardings, None),
+        donate_argnums=0)
+    state = jax.jit(init_fn, out_shardings=shardings)()
+
+    def ref_update(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(reference_loss)(params, model_cfg, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+    ref_step = jax.jit(ref_update, donate_argnums=(0, 1))
+    ref_params = jax.tree.map(jnp.copy, state["params"])
+    ref_opt = tx.init(ref_params)
+
+    b, t = shape["batch"], shape["seq"]
+    rng = np.random.default_rng(0)
+    batch = {
+        "inputs_bt": rng.integers(0, model_cfg.vocab_size, (b, t)).astype(np.int32),
+        "targets_bt": rng.integers(0, model_cfg.vocab_size, (b, t)).astype(np.int32),
+        "loss_mask_bt": np.ones((b, t), np.float32),
+        "segment_ids_bt": np.ones((b, t), np.int32),
+        "positions_bt": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
+    }
+    batch = shd.global_batch(batch, mesh)
+
+    t0 = time.perf_counter()
+    state, m = train_step(state, batch)
+    jax.block_until_ready(m)
+    compile_ours = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ref_params, ref_opt, loss = ref_step(ref_params, ref_opt, batch)
+    jax.block_until_ready(loss)
+    compile_ref = time.perf_counter() - t0
+    assert abs(float(m["loss"]) - float(loss)) < 1e-4, (float(m["loss"]), float(loss))
+
+    flops = model_cfg.flops_per_token(t) * b * t
+    mfus, ratios, ours_s, ref_s = [], [], [], []
+    for _ in range(args.reps):
+        peak = peak_probe()
+        t0 = time.perf_counter()
+        state, m = train_step(state, batch)
+        jax.block_until_ready((state, m))
+        dt_ours = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ref_params, ref_opt, loss = ref_step(ref_params, ref_opt, batch)
+        jax.block_until_ready((ref_params, ref_opt, loss))
+        dt_ref = time.perf_counter() - t0
+        mfus.append(flops / dt_ours / peak)
+        ratios.append(dt_ours / dt_ref)
+        ours_s.append(dt_ours)
+        ref_s.append(dt_ref)
+
+    n_params = sum(x.size for x in jax.tree.leaves(abstract["params"]))
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(
+        (abstract["params"], abstract["opt_state"])))
+    grad_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract["params"]))
+
+    def fmt(xs):
+        return f"{statistics.median(xs):.3f} (min {min(xs):.3f}, max {max(xs):.3f})"
+
+    device = f"{jax.devices()[0].device_kind} ({jax.devices()[0].platform}, f32)"
+    print(f"device: {device}; model {shape['model']}; batch {b} x {t}; AdamW; "
+          f"{args.reps} interleaved repetitions")
+    print(f"FLOPs/token = 6*N_matmul + 6*L*T*D = {model_cfg.flops_per_token(t):.4g} "
+          f"(N_matmul={model_cfg.matmul_params():,}, L={model_cfg.n_layers}, T={t}, "
+          f"D={model_cfg.d_model}); params {n_params:,}")
+    print(f"compile: jaxalign {compile_ours:.1f}s, reference {compile_ref:.1f}s; step time "
+          f"jaxalign {statistics.median(ours_s):.3f}s, reference {statistics.median(ref_s):.3f}s")
+    print("| id | figure | target |")
+    print("|---|---|---|")
+    print(f"| B1 | SFT MFU vs same-rep f32 2048^3 dot probe: {fmt(mfus)} | >= 0.45 |")
+    print(f"| B2 | jaxalign step / pure-JAX step: {fmt(ratios)} | <= 1.10 |")
+    print(f"| B11 | (params + grads + optimizer) bytes / params: "
+          f"{(state_bytes + grad_bytes) / n_params:.2f} on 1 device | 16 (f32 Adam) |")
+
+
+if __name__ == "__main__":
+    main()
