@@ -106,9 +106,9 @@ def main() -> None:
     tx, schedule = make_optimizer(config.optim, 1000)
     model_def, abstract, shardings, init_fn = state_layout(config, model_cfg, tx, mesh, rules)
     train_step = jax.jit(step_lib.make_train_step(
-        sft.loss_fn, model_def=model_def, tx=tx, schedule=schedule, num_micro=1, mesh=mesh,
-        rules=rules), in_shardings=(shardings, None), out_shardings=(shardings, None),
-        donate_argnums=0)
+        sft.loss_fn, sft.loss_weights, model_def=model_def, tx=tx, schedule=schedule,
+        num_micro=1, mesh=mesh, rules=rules),
+        in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
     state = jax.jit(init_fn, out_shardings=shardings)()
 
     def ref_update(params, opt_state, batch):

@@ -11,19 +11,27 @@ from jaxalign.sharding import DEFAULT_RULES
 
 # Llama-shaped presets. "tiny" is for tests (seconds), "small" for the CPU demo.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(vocab_size=384, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+    "tiny": dict(vocab_size=512, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
                  mlp_dim=64),
-    "small": dict(vocab_size=384, d_model=192, n_layers=4, n_heads=6, n_kv_heads=2,
+    "small": dict(vocab_size=512, d_model=192, n_layers=4, n_heads=6, n_kv_heads=2,
                   head_dim=32, mlp_dim=512),
 }
 
 
 def model_config(preset: str) -> ml_collections.ConfigDict:
-    """Model section: a preset's shape plus every numerics option with its default."""
-    if preset not in MODEL_PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}; known: {sorted(MODEL_PRESETS)}")
+    """Model section: a preset's shape plus every numerics option with its default.
+
+    ``preset`` is ``tiny``/``small`` or a released architecture from
+    ``jaxalign.models.presets`` (e.g. ``llama3.2-1b``, ``qwen2.5-0.5b``).
+    """
+    from jaxalign.models.presets import PRESETS as RELEASED
+
+    if preset not in MODEL_PRESETS and preset not in RELEASED:
+        raise ValueError(f"unknown model preset {preset!r}; known: "
+                         f"{sorted(MODEL_PRESETS) + sorted(RELEASED)}")
     m = ml_collections.ConfigDict()
-    m.update(MODEL_PRESETS[preset])
+    m.update(MODEL_PRESETS.get(preset) or {
+        k: v for k, v in RELEASED[preset].items() if k in MODEL_PRESETS["tiny"]})
     m.rope_theta = 10_000.0
     m.norm_eps = 1e-6
     m.qkv_bias = False
@@ -32,8 +40,52 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
     m.param_dtype = "float32"
     m.dtype = "float32"
     m.init_std = 0.02
-    m.init_from = "scratch"
+    # Model families beyond Llama (see jaxalign.models.transformer.TransformerConfig).
+    m.family = "llama"
+    m.mlp_activation = "silu"
+    m.norm_plus_one = False
+    m.scale_embeddings = False
+    m.post_norms = False
+    m.attn_softcap = 0.0
+    m.final_softcap = 0.0
+    m.query_pre_attn_scalar = 0.0
+    m.layer_types = ()
+    m.sliding_window = 0
+    m.local_rope_theta = 0.0
+    m.rope_scaling = "none"
+    m.rope_factor = 1.0
+    m.rope_low_freq_factor = 1.0
+    m.rope_high_freq_factor = 4.0
+    m.rope_original_max_len = 8192
+    m.max_position_embeddings = 8192
+    m.update({k: v for k, v in RELEASED.get(preset, {}).items() if k not in MODEL_PRESETS["tiny"]})
+    m.init_from = "scratch"  # scratch | hf:<dir> | workdir:<dir> (see jaxalign.models.init_from)
     return m
+
+
+def data_config() -> ml_collections.ConfigDict:
+    """Data section (see jaxalign.data.pipeline.DataSettings for what each key does)."""
+    d = ml_collections.ConfigDict()
+    d.train = "builtin:tasks"  # builtin:<name> | jsonl:<path or glob> | tfds:<name>[/<cfg>][:<ver>]
+    d.eval = "builtin:tasks"  # "" = no eval
+    d.train_split = "train"
+    d.eval_split = "eval"
+    d.dir = ""  # JSONL conversions and TFDS datasets; "" = ~/.cache/jaxalign/datasets, TFDS's
+    # Stage field -> source column, e.g. --config.data.fields.prompt=question; "" = same name.
+    d.fields = ml_collections.ConfigDict({k: "" for k in (
+        "messages", "prompt", "response", "completion", "chosen", "rejected", "label")})
+    d.chat_template = "auto"  # auto | plain | chatml | llama3 | gemma | mistral | tokenizer | path
+    d.max_len = 48
+    d.max_prompt_len = 0  # prompt-only batches (RL); 0 = max_len
+    d.eval_batch_size = 64
+    d.seed = 0
+    d.shuffle = True
+    d.overlong = "error"  # error | truncate_left (prompt) | truncate_right | drop; counted
+    d.on_bad_record = "error"  # error | skip (counted and logged by reason)
+    d.pack = False  # SFT: best-fit-decreasing packing of several records per row
+    d.pack_window = 512  # records per packing window
+    d.num_workers = 0  # grain worker processes
+    return d
 
 
 def base_config(stage: str) -> ml_collections.ConfigDict:
@@ -47,15 +99,9 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c.sharding.rules = [list(r) for r in DEFAULT_RULES]
 
     c.model = model_config("tiny")
-    c.tokenizer = "builtin:tasks"
+    c.tokenizer = "builtin:world"  # builtin:<name> | SentencePiece model | tokenizer.json | HF dir
 
-    c.data = ml_collections.ConfigDict()
-    c.data.train = "builtin:tasks"
-    c.data.eval = "builtin:tasks"
-    c.data.max_len = 48
-    c.data.eval_batch_size = 64
-    c.data.seed = 0
-    c.data.overlong = "error"  # error | skip (counted, logged) | truncate
+    c.data = data_config()
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 100

@@ -76,3 +76,20 @@ def make_mesh(cfg: Mapping[str, Any], devices: Sequence[jax.Device] | None = Non
     if len(devices) == len(jax.devices()):
         return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+
+
+def barrier(name: str, timeout_s: int = 900) -> None:
+    """Waits until every process arrives, through the coordination service (no collectives).
+
+    Gloo gives a process only 30 s to join the first cross-process collective; a
+    process still validating data or compiling when another reaches it would make
+    the run fail. Meeting here first keeps the processes in step. No-op on one process.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the client's barrier has no public wrapper
+
+    client = distributed.global_state.client
+    if client is not None:
+        client.wait_at_barrier(f"jaxalign:{name}", timeout_in_ms=timeout_s * 1000)
+

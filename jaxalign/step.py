@@ -1,9 +1,16 @@
 """The jitted train/eval step shared by every stage.
 
-A stage supplies ``loss_fn(model, batch) -> LossOut``: a loss *sum* with its
-normalising weight (tokens, pairs, ...) and metric (sum, count) pairs. Sums
-are accumulated over micro-batches and the mean is taken once over the global
-batch, so the update does not depend on mesh shape or micro-batching.
+A stage supplies two functions:
+
+* ``loss_weights(batch) -> {name: W}``: the normalisers of its loss terms
+  (loss-bearing tokens, pairs, ...), computed from the *whole global batch*
+  before any gradient, so they never depend on parameters, mesh shape or
+  micro-batching;
+* ``loss_fn(model, batch[, frozen]) -> LossOut``: for one micro-batch, the
+  *sum* of each loss term (coefficients applied) and metric (sum, count) pairs.
+
+The objective is ``sum_k terms[k] / W[k]``: summed over micro-batches it equals
+the global-batch mean of every term exactly, whatever the mesh or accumulation.
 """
 
 from __future__ import annotations
@@ -27,12 +34,17 @@ TrainState = dict[str, Any]
 class LossOut(NamedTuple):
     """What a stage's loss function returns for one (micro-)batch."""
 
-    loss_sum: jax.Array
-    weight: jax.Array
+    terms: dict[str, jax.Array]
     metrics: dict[str, tuple[jax.Array, jax.Array]]
 
 
-LossFn = Callable[[nnx.Module, Batch], LossOut]
+LossFn = Callable[..., LossOut]
+WeightsFn = Callable[[Batch], dict[str, jax.Array]]
+
+
+def combine(terms: Mapping[str, jax.Array], weights: Mapping[str, jax.Array]) -> jax.Array:
+    """``sum_k terms[k] / max(weights[k], 1)`` — the normalised objective."""
+    return sum(t / jnp.maximum(weights[k], 1.0) for k, t in terms.items())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,47 +76,60 @@ def split_micro_batches(batch: Batch, num_micro: int, mesh: Mesh) -> Batch:
     return jax.tree.map(split, dict(batch))
 
 
-def _sum_loss(loss_fn: LossFn, model_def: ModelDef):
-    def fn(params, batch):
-        out = loss_fn(model_def.merge(params), batch)
-        return out.loss_sum, (out.weight, out.metrics)
+def _objective(loss_fn: LossFn, model_def: ModelDef, frozen_defs: Mapping[str, ModelDef]):
+    def fn(params, batch, weights, frozen_params):
+        kwargs = {}
+        if frozen_defs:
+            kwargs["frozen"] = {k: d.merge(frozen_params[k]) for k, d in frozen_defs.items()}
+        out = loss_fn(model_def.merge(params), batch, **kwargs)
+        return combine(out.terms, weights), (out.terms, out.metrics)
     return fn
 
 
-def make_train_step(loss_fn: LossFn, *, model_def: ModelDef, tx: optax.GradientTransformation,
+def make_train_step(loss_fn: LossFn, loss_weights: WeightsFn, *, model_def: ModelDef,
+                    tx: optax.GradientTransformation,
                     schedule: Callable[[jax.Array], jax.Array], num_micro: int, mesh: Mesh,
-                    rules: shd.Rules) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-    """Builds ``train_step(state, batch) -> (state, metrics)`` (to be jitted by the caller).
+                    rules: shd.Rules, frozen_defs: Mapping[str, ModelDef] | None = None
+                    ) -> Callable[..., tuple[TrainState, dict]]:
+    """Builds ``train_step(state, batch, frozen=None) -> (state, metrics)`` (jit it).
+
+    ``frozen`` maps names to the params of frozen models (a reference policy, a
+    reward model) whose definitions are ``frozen_defs``; they reach ``loss_fn``
+    as ``frozen={name: model}``, are never differentiated and never donated.
 
     A non-finite loss, gradient or update never reaches the parameters: the update is
     skipped, counted in ``state['nonfinite_count']`` and the first offending
     step recorded, so the loop can stop (or carry on) without a poisoned state.
     """
-    grad_fn = jax.value_and_grad(_sum_loss(loss_fn, model_def), has_aux=True)
+    frozen_defs = dict(frozen_defs or {})
+    objective = _objective(loss_fn, model_def, frozen_defs)
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
 
-    def train_step(state: TrainState, batch: Batch):
+    def train_step(state: TrainState, batch: Batch, frozen: Mapping[str, Any] | None = None):
         with shd.axis_rules(mesh, rules):
             params = state["params"]
+            frozen = jax.lax.stop_gradient(dict(frozen or {}))
+            weights = loss_weights(batch)
             micro = split_micro_batches(batch, num_micro, mesh)
 
             def accumulate(carry, mb):
-                grads_acc, loss_acc, weight_acc, metrics_acc = carry
-                (loss_sum, (weight, metrics)), grads = grad_fn(params, mb)
+                grads_acc, terms_acc, metrics_acc = carry
+                (_, (terms, metrics)), grads = grad_fn(params, mb, weights, frozen)
                 grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+                terms_acc = jax.tree.map(jnp.add, terms_acc, terms)
                 metrics_acc = jax.tree.map(jnp.add, metrics_acc, metrics)
-                return (grads_acc, loss_acc + loss_sum, weight_acc + weight, metrics_acc), None
+                return (grads_acc, terms_acc, metrics_acc), None
 
-            zero_grads = jax.tree.map(jnp.zeros_like, params)
             first = jax.tree.map(lambda x: x[0], micro)
-            _, (_, metrics_shape) = jax.eval_shape(_sum_loss(loss_fn, model_def), params, first)
-            zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape)
-            init = (zero_grads, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
-                    zero_metrics)
-            (grads, loss_sum, weight, metric_sums), _ = jax.lax.scan(accumulate, init, micro)
+            _, (terms_shape, metrics_shape) = jax.eval_shape(objective, params, first, weights,
+                                                             frozen)
+            zeros = lambda tree: jax.tree.map(  # noqa: E731
+                lambda s: jnp.zeros(s.shape, s.dtype), tree)
+            init = (jax.tree.map(jnp.zeros_like, params), zeros(terms_shape),
+                    zeros(metrics_shape))
+            (grads, terms, metric_sums), _ = jax.lax.scan(accumulate, init, micro)
 
-            denom = jnp.maximum(weight, 1.0)
-            grads = jax.tree.map(lambda g: g / denom, grads)
-            loss = loss_sum / denom
+            loss = combine(terms, weights)
             grad_norm = optax.tree.norm(grads)
             updates, new_opt_state = tx.update(grads, state["opt_state"], params)
             new_params = optax.apply_updates(params, updates)
@@ -130,9 +155,10 @@ def make_train_step(loss_fn: LossFn, *, model_def: ModelDef, tx: optax.GradientT
                 "param_norm": optax.tree.norm(new_state["params"]),
                 "update_norm": update_norm,
                 "learning_rate": schedule(step),
-                "weight": weight,
                 "nonfinite": (~finite).astype(jnp.float32),
             }
+            for name, w in weights.items():
+                metrics[f"count/{name}"] = w
             for name, (s, c) in metric_sums.items():
                 metrics[name] = s / jnp.maximum(c, 1.0)
         return new_state, metrics
@@ -140,13 +166,28 @@ def make_train_step(loss_fn: LossFn, *, model_def: ModelDef, tx: optax.GradientT
     return train_step
 
 
-def make_eval_step(loss_fn: LossFn, *, model_def: ModelDef, mesh: Mesh,
-                   rules: shd.Rules) -> Callable[[Any, Batch], dict[str, jax.Array]]:
-    """Builds ``eval_step(params, batch) -> sums`` to be summed over an eval set."""
-    def eval_step(params, batch):
+def make_eval_step(loss_fn: LossFn, loss_weights: WeightsFn, *, model_def: ModelDef,
+                   mesh: Mesh, rules: shd.Rules,
+                   frozen_defs: Mapping[str, ModelDef] | None = None
+                   ) -> Callable[..., dict[str, Any]]:
+    """Builds ``eval_step(params, batch, frozen=None) -> sums`` to add up over an eval set.
+
+    Returns ``{"terms": ..., "weights": ..., "metrics": {name: (sum, count)}}``;
+    :func:`finish_eval` turns the totals into the eval loss and metrics.
+    """
+    objective = _objective(loss_fn, model_def, dict(frozen_defs or {}))
+
+    def eval_step(params, batch, frozen=None):
         with shd.axis_rules(mesh, rules):
-            out = loss_fn(model_def.merge(params), batch)
-        sums = {"loss": (out.loss_sum, out.weight)}
-        sums.update(out.metrics)
-        return sums
+            weights = loss_weights(batch)
+            _, (terms, metrics) = objective(params, batch, weights, dict(frozen or {}))
+        return {"terms": terms, "weights": weights, "metrics": metrics}
     return eval_step
+
+
+def finish_eval(totals: Mapping[str, Any]) -> dict[str, float]:
+    """Eval-set loss (each term over its eval-set normaliser) and metric means."""
+    out = {"loss": float(combine(totals["terms"], totals["weights"]))}
+    for name, (s, c) in totals["metrics"].items():
+        out[name] = float(s / max(float(c), 1.0))
+    return out

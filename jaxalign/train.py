@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -25,11 +26,12 @@ from jaxalign import step as step_lib
 from jaxalign.checkpoint import Checkpointer, abstract_with_shardings
 from jaxalign.config import to_json
 from jaxalign.data.tokenizer import check_vocab, load_tokenizer
-from jaxalign.mesh import make_mesh, maybe_initialize_distributed
+from jaxalign.mesh import barrier, make_mesh, maybe_initialize_distributed
 from jaxalign.metrics import JsonlWriter, Progress, Throughput, peak_flops_probe, to_python
 from jaxalign.models import init_from
 from jaxalign.models.transformer import Transformer, TransformerConfig
 from jaxalign.optim import make_optimizer
+from jaxalign.precompute import PrecomputedColumns
 
 # Model fields that change parameter shapes or meaning: a checkpoint written
 # with other values cannot be resumed.
@@ -75,19 +77,22 @@ def check_workdir_compatible(workdir: str, config: ml_collections.ConfigDict) ->
 
 
 def state_layout(config: ml_collections.ConfigDict, model_cfg: TransformerConfig,
-                 tx: optax.GradientTransformation, mesh: Mesh, rules: shd.Rules):
+                 tx: optax.GradientTransformation, mesh: Mesh, rules: shd.Rules,
+                 model_cls: type[nnx.Module] = Transformer):
     """Abstract train state and its shardings, derived without any compute.
 
     Returns ``(model_def, abstract_state, state_shardings, init_fn)`` where
     ``init_fn()`` builds the real state (jit it with ``out_shardings``), and
-    ``init_fn(params)`` builds it around given initial params (``model.init_from``).
+    ``init_fn(params)`` builds it around given initial params (``model.init_from``; a
+    subset of the tree is fine).
     """
     def new_model():
-        return Transformer(model_cfg, rngs=nnx.Rngs(params=config.seed))
+        return model_cls(model_cfg, rngs=nnx.Rngs(params=config.seed))
 
     def init_fn(params=None):
-        if params is None:
-            params = nnx.to_pure_dict(nnx.state(new_model(), nnx.Param))
+        fresh = nnx.to_pure_dict(nnx.state(new_model(), nnx.Param))
+        # Loaded params win; any the source lacks (e.g. a new head) keep the fresh init.
+        params = fresh if params is None else init_from.overlay(fresh, params)
         return {
             "params": params,
             "opt_state": tx.init(params),
@@ -163,23 +168,75 @@ class Trainer:
         self.checkpointer = Checkpointer(
             os.path.join(workdir, "checkpoints"), save_every=config.checkpoint.save_every,
             keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+        barrier("init")
         self.state, self.data_state = self._init_or_restore()
+        # The data position is the iterator's JSON state, saved in every checkpoint.
+        self.train_iter = self.train_data.iterator()
+        if self.data_state:
+            self.train_iter.set_state(self.data_state)
+        self.data_state = self.train_iter.get_state()
+        loss_fn, loss_weights = self.stage.make_loss(config)
+        # Frozen models (an in-step DPO reference) start from the run's initial params
+        # and stay outside the donated state.
+        names = getattr(self.stage, "frozen_models", lambda _: ())(config)
+        frozen_defs = {name: self.model_def for name in names}
+        self.frozen = {name: self._initial_params() for name in names}
+        params_sh = self.state_shardings["params"]
+        frozen_sh = {name: params_sh for name in names}
         self._train_step = jax.jit(
             step_lib.make_train_step(
-                self.stage.loss_fn, model_def=self.model_def, tx=self.tx,
+                loss_fn, loss_weights, model_def=self.model_def, tx=self.tx,
                 schedule=self.schedule, num_micro=config.train.micro_batches, mesh=self.mesh,
-                rules=self.rules),
-            in_shardings=(self.state_shardings, None), out_shardings=(self.state_shardings, None),
-            donate_argnums=0)
+                rules=self.rules, frozen_defs=frozen_defs),
+            in_shardings=(self.state_shardings, None, frozen_sh),
+            out_shardings=(self.state_shardings, None), donate_argnums=0)
         self._eval_step = jax.jit(step_lib.make_eval_step(
-            self.stage.loss_fn, model_def=self.model_def, mesh=self.mesh, rules=self.rules),
-            in_shardings=(self.state_shardings["params"], None))
+            loss_fn, loss_weights, model_def=self.model_def, mesh=self.mesh, rules=self.rules,
+            frozen_defs=frozen_defs), in_shardings=(params_sh, None, frozen_sh))
+        self.columns = self._precomputed_columns()
 
     # -- state -----------------------------------------------------------------
 
     def _build_state_layout(self) -> None:
-        layout = state_layout(self.config, self.model_cfg, self.tx, self.mesh, self.rules)
+        layout = state_layout(self.config, self.model_cfg, self.tx, self.mesh, self.rules,
+                              model_cls=getattr(self.stage, "make_model", Transformer))
         self.model_def, self.abstract_state, self.state_shardings, self._init_state = layout
+
+    def _precomputed_columns(self) -> PrecomputedColumns | None:
+        """Columns a frozen model adds to every batch, computed once before training."""
+        spec = getattr(self.stage, "precomputed_columns", lambda _: None)(self.config)
+        if spec is None:
+            return None
+        name, fn = spec
+        params, model_def, mesh, rules = self._initial_params(), self.model_def, self.mesh, \
+            self.rules
+
+        def columns(p, batch):
+            with shd.axis_rules(mesh, rules):
+                return fn(model_def.merge(p), batch)
+
+        jitted = jax.jit(columns, in_shardings=(self.state_shardings["params"], None))
+        c = self.config
+        fingerprint = {"stage": c.stage, "model": c.model.to_dict(), "data": c.data.to_dict(),
+                       "steps": c.train.steps, "batch_size": c.train.batch_size,
+                       "options": c[c.stage].to_dict() if c.stage in c else {}}
+        cols = PrecomputedColumns(
+            os.path.join(self.workdir, f"precomputed_{name}.npz"), fingerprint,
+            lambda batch: jitted(params, batch), self.mesh, _device_fields)
+        t0 = time.perf_counter()
+        if cols.prepare_train(self.train_data.iterator, c.train.steps):
+            Progress(0).line(f"precomputed {name} columns for {c.train.steps} batches in "
+                             f"{time.perf_counter() - t0:.1f}s")
+        return cols
+
+    def _initial_params(self) -> Any:
+        """The params a fresh run starts from (``model.init_from`` over a fresh init)."""
+        params = init_from.load_params(
+            self.config.model.init_from, self.model_cfg, self.abstract_state["params"],
+            self.state_shardings["params"])
+        init = jax.jit(lambda p=None: self._init_state(p)["params"],
+                       out_shardings=self.state_shardings["params"])
+        return init() if params is None else init(params)
 
     def _init_or_restore(self) -> tuple[dict[str, Any], dict[str, Any]]:
         target = abstract_with_shardings(self.abstract_state, self.state_shardings)
@@ -191,7 +248,7 @@ class Trainer:
                 self.state_shardings["params"])
             init = jax.jit(self._init_state, out_shardings=self.state_shardings)
             state = init() if params is None else init(params)
-            return state, {"batch_index": 0}
+            return state, {}
         step, state, data_state = restored
         logging.info("resumed from step %d (%s)", step, self.checkpointer.directory)
         return state, data_state
@@ -199,16 +256,17 @@ class Trainer:
     # -- loop ------------------------------------------------------------------
 
     def _eval(self) -> dict[str, float]:
-        sums: dict[str, np.ndarray] = {}
+        totals = None
         limit = self.config.train.eval_batches
-        for i, host in enumerate(self.eval_data.eval_batches()):
-            if limit and i >= limit:
-                break
-            out = self._eval_step(self.state["params"], shd.global_batch(host, self.mesh))
-            for k, (s, c) in jax.device_get(out).items():
-                prev = sums.get(k, np.zeros(2))
-                sums[k] = prev + np.array([float(s), float(c)])
-        return {k: float(s / max(c, 1.0)) for k, (s, c) in sums.items()}
+        batches = itertools.islice(self.eval_data.eval_batches(), limit or None)
+        if self.columns is not None:
+            batches = self.columns.for_eval_batches(batches)
+        for host in batches:
+            out = self._eval_step(self.state["params"],
+                                  shd.global_batch(_device_fields(host), self.mesh), self.frozen)
+            out = jax.tree.map(lambda x: np.asarray(x, np.float64), jax.device_get(out))
+            totals = out if totals is None else jax.tree.map(np.add, totals, out)
+        return {} if totals is None else step_lib.finish_eval(totals)
 
     def _check_nonfinite(self, metrics: dict[str, float]) -> None:
         first = int(jax.device_get(self.state["first_nonfinite_step"]))
@@ -251,6 +309,7 @@ class Trainer:
                       f"{jax.devices()[0].platform} devices; starting at step {start}")
 
         compiled = self._compile()
+        barrier("first_step")
         throughput = Throughput(flops_tok, peak)
         last_train: dict[str, float] = {}
         last_eval: dict[str, float] = {}
@@ -261,15 +320,19 @@ class Trainer:
         try:
             stop = cfg.steps if num_steps is None else min(cfg.steps, start + num_steps)
             for step in range(start, stop):
-                host = self.train_data.batch(self.data_state["batch_index"])
-                batch = shd.global_batch(host, self.mesh)
-                self.state, metrics = compiled(self.state, batch)
-                self.data_state = {"batch_index": self.data_state["batch_index"] + 1}
+                host = next(self.train_iter)
+                if self.columns is not None:
+                    rows = len(host[next(iter(_device_fields(host)))])
+                    host = {**host, **self.columns.for_train_batch(step, rows)}
+                batch = shd.global_batch(_device_fields(host), self.mesh)
+                self.state, metrics = compiled(self.state, batch, self.frozen)
+                self.data_state = self.train_iter.get_state()
                 throughput.add_tokens(self.stage.tokens_per_batch(host) * jax.process_count())
                 done = step + 1
                 if done % cfg.log_every == 0 or done == cfg.steps:
                     last_train = to_python(metrics)
                     last_train.update(throughput.read())
+                    last_train.update(self.train_iter.metrics())
                     self._check_nonfinite(last_train)
                     writer.write(done, "train", last_train)
                     rate = (time.perf_counter() - t_start) / max(done - start, 1)
@@ -312,13 +375,12 @@ class Trainer:
         return False
 
     def _compile(self):
-        host = self.train_data.batch(self.data_state["batch_index"])
         abstract_batch = {
-            k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(), *v.shape[1:]), v.dtype,
-                                    sharding=shd.batch_sharding(self.mesh, v.ndim))
-            for k, v in host.items()}
+            k: jax.ShapeDtypeStruct((shape[0] * jax.process_count(), *shape[1:]), dtype,
+                                    sharding=shd.batch_sharding(self.mesh, len(shape)))
+            for k, (shape, dtype) in self._batch_spec().items()}
         t0 = time.perf_counter()
-        compiled = self._train_step.lower(self.state, abstract_batch).compile()
+        compiled = self._train_step.lower(self.state, abstract_batch, self.frozen).compile()
         msg = f"train_step compiled in {time.perf_counter() - t0:.1f}s"
         mem = compiled.memory_analysis()
         if mem is not None:
@@ -327,8 +389,21 @@ class Trainer:
         Progress(0).line(msg)
         return compiled
 
+    def _batch_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        spec = dict(self.train_data.batch_spec())
+        if self.columns is not None:
+            rows = next(iter(spec.values()))[0][0]
+            spec.update({k: ((rows,), np.dtype(np.float32)) for k in self.columns.train})
+        return spec
+
     def close(self) -> None:
+        self.train_iter.close()
         self.checkpointer.close()
+
+
+def _device_fields(host: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The array fields of a host batch (prompt batches also carry host-only ``extras``)."""
+    return {k: v for k, v in host.items() if isinstance(v, np.ndarray)}
 
 
 def train(config: ml_collections.ConfigDict, workdir: str,

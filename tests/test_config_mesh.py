@@ -11,13 +11,14 @@ import pytest
 
 from jaxalign import losses
 from jaxalign import sharding as shd
+from jaxalign.algos import get_stage
 from jaxalign.mesh import make_mesh, mesh_shape
-from jaxalign.models.transformer import TransformerConfig
+from jaxalign.models.transformer import Transformer, TransformerConfig
 from jaxalign.optim import make_optimizer, make_schedule
 from jaxalign.train import state_layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRESETS = {"sft": ["demo", "test"]}
+PRESETS = {"sft": ["demo", "world", "test"], "rm": ["demo", "test"], "dpo": ["demo", "test"]}
 
 
 def _load(path):
@@ -40,7 +41,8 @@ def test_preset_abstract_init(name, preset):
     model_cfg = TransformerConfig.from_mapping(config.model)
     tx, _ = make_optimizer(config.optim, config.train.steps)
     rules = shd.rules_from_config(config.sharding.rules)
-    _, abstract, shardings, _ = state_layout(config, model_cfg, tx, mesh, rules)
+    model_cls = getattr(get_stage(config.stage), "make_model", Transformer)
+    _, abstract, shardings, _ = state_layout(config, model_cfg, tx, mesh, rules, model_cls)
     n_params = sum(x.size for x in jax.tree.leaves(abstract["params"]))
     assert n_params > model_cfg.matmul_params()  # + embedding table and norms
     # Adam moments mirror the params; the two trees of shardings line up leaf by leaf.

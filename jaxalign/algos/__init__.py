@@ -1,7 +1,11 @@
 """Stage registry: ``config.stage`` -> the stage module.
 
-A stage module provides ``loss_fn(model, batch) -> LossOut``,
-``build_data(config, tokenizer, split, *, process_index, process_count)`` and
+A stage module provides ``make_loss(config) -> (loss_fn, loss_weights)`` (see
+``jaxalign.step``), optionally ``make_model`` (default: the decoder) and
+``frozen_models(config)`` (names of frozen models the step needs),
+``build_data(config, tokenizer, split, *, process_index, process_count)`` (usually
+``jaxalign.data.pipeline.build_loader`` with the stage's record format: a ``Loader``
+with ``iterator()``, ``eval_batches()`` and ``batch_spec()``) and
 ``tokens_per_batch(batch)``. Adding a stage is a module plus a line here.
 """
 
@@ -12,6 +16,8 @@ from types import ModuleType
 
 STAGES = {
     "sft": "jaxalign.algos.sft",
+    "rm": "jaxalign.algos.rm",
+    "dpo": "jaxalign.algos.dpo",
 }
 
 

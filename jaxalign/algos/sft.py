@@ -1,10 +1,12 @@
-"""Supervised fine-tuning: next-token cross-entropy on response tokens only."""
+"""Supervised fine-tuning: next-token cross-entropy on assistant tokens only."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxalign import losses
@@ -13,29 +15,33 @@ from jaxalign.step import Batch, LossOut
 BATCH_KEYS = ("inputs_bt", "targets_bt", "loss_mask_bt", "segment_ids_bt", "positions_bt")
 
 
+def loss_weights(batch: Batch) -> dict[str, jax.Array]:
+    """The loss is a mean over every loss-bearing token of the global batch."""
+    return {"tokens": jnp.sum(batch["loss_mask_bt"].astype(jnp.float32))}
+
+
 def loss_fn(model: nnx.Module, batch: Batch) -> LossOut:
-    """Summed response-token NLL; the trainer divides by the global token count."""
+    """Summed response-token NLL (normalised by ``loss_weights``' token count)."""
     logits_btv = model(batch["inputs_bt"], batch["positions_bt"], batch["segment_ids_bt"])
     mask_bt = batch["loss_mask_bt"]
     nll_sum, count = losses.masked_token_nll(logits_btv, batch["targets_bt"], mask_bt)
     hits = losses.masked_token_accuracy_sum(logits_btv, batch["targets_bt"], mask_bt)
-    return LossOut(nll_sum, count, {"token_accuracy": (hits, count)})
+    return LossOut({"tokens": nll_sum}, {"token_accuracy": (hits, count)})
+
+
+def make_loss(config: Any):
+    """``(loss_fn, loss_weights)``; SFT has no options that change the loss."""
+    del config
+    return loss_fn, loss_weights
 
 
 def build_data(config: Any, tokenizer: Any, split: str, *, process_index: int,
                process_count: int):
-    """Train or eval batches of prompt/response records for this process."""
-    from jaxalign.data.pipeline import SFTBatches
-    from jaxalign.data.sources import load_records
+    """Train or eval batches of SFT records (padded or packed) for this process."""
+    from jaxalign.data.pipeline import build_loader
 
-    data = config.data
-    source = data.train if split == "train" else data.eval
-    records = load_records(source, split)
-    return SFTBatches(
-        records, tokenizer, max_len=data.max_len,
-        global_batch_size=config.train.batch_size if split == "train" else data.eval_batch_size,
-        seed=data.seed, shuffle=split == "train", source=source, overlong=data.overlong,
-        process_index=process_index, process_count=process_count)
+    return build_loader(config, tokenizer, split, "sft", process_index=process_index,
+                        process_count=process_count)
 
 
 def tokens_per_batch(batch: Mapping[str, Any]) -> int:

@@ -1,17 +1,25 @@
-"""Embedded, offline instruction datasets of short verifiable tasks.
+"""Embedded, offline datasets: ``builtin:tasks`` and ``builtin:world``.
 
-Every record is generated from a fixed seed with ``random.Random``, so a dataset is
-identical on every call and every machine, needs no download, and carries its own
-checkable ``answer`` (handy for SFT smoke tests and for verifiable-reward RL).
+* ``tasks`` — short verifiable instruction tasks (arithmetic, word puzzles) as
+  prompt/response records with their ``answer``; splits ``train`` and ``eval``.
+* ``world`` — the tasks plus a safety slice, with splits for every stage (SFT,
+  preference pairs, unpaired, RL prompts, held-out eval, red team); see
+  ``jaxalign.data.world``.
 
-Running ``python -m jaxalign.data.builtin`` retrains the SentencePiece model that ships
-in ``assets/`` from the current "tasks" train split.
+Every record is generated from a fixed seed with ``random.Random``, so the data are
+identical on every machine. They ship as gzipped JSONL files in ``assets/<name>/``
+together with the SentencePiece model ``assets/world.model`` trained on the world's
+training text; ``python -m jaxalign.data.builtin`` regenerates all of them
+deterministically (a test checks that the shipped files match).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import importlib.resources
 import io
+import json
 import random
 import zlib
 from collections.abc import Callable, Iterator
@@ -98,6 +106,22 @@ def _count_letter_pool(rng: random.Random) -> list[tuple[str, str]]:
     return out
 
 
+def _word_length_pool(rng: random.Random) -> list[tuple[str, str]]:
+    del rng
+    return [(f"How many letters in: {w}?", str(len(w))) for w in WORDS]
+
+
+def _larger_pool(rng: random.Random) -> list[tuple[str, str]]:
+    del rng
+    return [(f"Which is larger: {a} or {b}?", str(max(a, b)))
+            for a in range(100) for b in range(100) if a != b]
+
+
+def _next_number_pool(rng: random.Random) -> list[tuple[str, str]]:
+    del rng
+    return [(f"What comes after {a}?", str(a + 1)) for a in range(1000)]
+
+
 TASKS: dict[str, PoolFn] = {
     "addition": _addition_pool,
     "subtraction": _subtraction_pool,
@@ -108,7 +132,12 @@ TASKS: dict[str, PoolFn] = {
     "count_letter": _count_letter_pool,
     "first_letter": _word_pool("First letter of: {}", lambda w: w[0]),
     "last_letter": _word_pool("Last letter of: {}", lambda w: w[-1]),
+    "word_length": _word_length_pool,
+    "larger": _larger_pool,
+    "next_number": _next_number_pool,
 }
+# The tasks of the original "tasks" dataset (its records must not change).
+CLASSIC_TASKS = tuple(TASKS)[:9]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,9 +161,17 @@ class BuiltinDataset:
 
 BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
     "tasks": BuiltinDataset(
-        name="tasks", tasks=tuple(TASKS), train_size=20000, eval_size=512, seed=1234
+        name="tasks", tasks=CLASSIC_TASKS, train_size=20000, eval_size=512, seed=1234
     ),
 }
+# Dataset name -> its shipped splits, and splits derived from them at load time.
+SHIPPED_SPLITS = {
+    "tasks": ("train", "eval"),
+    "world": ("train", "eval", "preference", "preference_eval", "rl", "redteam"),
+}
+DERIVED_SPLITS = {("world", "kto"): "preference", ("world", "kto_eval"): "preference_eval"}
+TOKENIZER_ASSET = "world.model"
+TOKENIZER_VOCAB_SIZE = 512
 
 
 def _even_split(total: int, parts: int) -> list[int]:
@@ -174,49 +211,94 @@ def _generate(spec: BuiltinDataset) -> dict[str, list[dict]]:
     return {"train": train, "eval": evals}
 
 
+def generate(name: str) -> dict[str, list[dict]]:
+    """Generates every shipped split of a builtin dataset from its seed."""
+    if name == "tasks":
+        return _generate(BUILTIN_DATASETS["tasks"])
+    if name == "world":
+        from jaxalign.data.world import generate_world
+
+        return generate_world(TASKS)
+    raise ValueError(f"unknown builtin dataset {name!r}; available: {sorted(SHIPPED_SPLITS)}")
+
+
+def available_splits(name: str) -> list[str]:
+    """The split names ``load_builtin`` accepts for ``name``."""
+    return [*SHIPPED_SPLITS[name], *(s for (n, s) in DERIVED_SPLITS if n == name)]
+
+
+def _read_split(name: str, split: str) -> list[dict]:
+    # importlib.resources works from an installed wheel or a zip, whatever the cwd.
+    resource = importlib.resources.files("jaxalign.data").joinpath(
+        "assets", name, f"{split}.jsonl.gz")
+    with resource.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
 def load_builtin(name: str, split: str) -> list[dict]:
     """Returns the records of an embedded dataset split.
 
     Args:
-      name: a key of ``BUILTIN_DATASETS``, e.g. ``"tasks"``.
-      split: ``"train"`` or ``"eval"``.
+      name: ``"tasks"`` or ``"world"``.
+      split: one of ``available_splits(name)``, e.g. ``"train"`` or ``"eval"``.
 
     Returns:
-      Fresh record dicts with keys ``prompt``, ``response``, ``answer`` and ``task``.
+      Fresh record dicts (see ``jaxalign.data.world`` for the world's fields).
 
     Raises:
       ValueError: for an unknown dataset name or split.
     """
-    if name not in BUILTIN_DATASETS:
-        raise ValueError(f"unknown builtin dataset {name!r}; available: {sorted(BUILTIN_DATASETS)}")
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r} for builtin:{name}; available: {list(SPLITS)}")
-    return _generate(BUILTIN_DATASETS[name])[split]
+    if name not in SHIPPED_SPLITS:
+        raise ValueError(f"unknown builtin dataset {name!r}; available: {sorted(SHIPPED_SPLITS)}")
+    if split not in available_splits(name):
+        raise ValueError(f"unknown split {split!r} for builtin:{name}; available: "
+                         f"{available_splits(name)}")
+    if (name, split) in DERIVED_SPLITS:
+        from jaxalign.data.world import unpaired_from_preference
+
+        return unpaired_from_preference(_read_split(name, DERIVED_SPLITS[name, split]))
+    return _read_split(name, split)
 
 
-def _tokenizer_corpus(name: str) -> Iterator[str]:
+def write_jsonl_gz(path: Path, records: list[dict]) -> None:
+    """Writes records as gzipped JSONL with a fixed header, so the bytes are reproducible."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as raw, gzip.GzipFile(
+            filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as gz:
+        for r in records:
+            gz.write((json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n").encode())
+
+
+def _tokenizer_corpus() -> Iterator[str]:
     # Imported here so that generating records does not pull in the batching stack.
-    from jaxalign.data.pipeline import ASSISTANT_PREFIX, USER_PREFIX
+    from jaxalign.data.chat import TEMPLATES, text_runs
+    from jaxalign.data.records import Location, validate
 
-    # Prompt side and response side are encoded separately by the pipeline, so the
-    # tokenizer sees them as separate sentences, exactly as they will be encoded. The
-    # template strings get compact pieces this way.
-    yield USER_PREFIX
-    yield ASSISTANT_PREFIX
-    for record in load_builtin(name, "train"):
-        yield USER_PREFIX + record["prompt"] + ASSISTANT_PREFIX
-        yield record["response"]
+    # The corpus is the text runs the plain template encodes, exactly as the pipeline
+    # will encode them (prompt side and completion side separately).
+    world = generate("world")
+    spec = TEMPLATES["plain"]
+    for split, fmt in (("train", "sft"), ("preference", "preference"), ("rl", "prompt")):
+        for i, record in enumerate(world[split]):
+            normal = validate(record, fmt, Location(split, i))
+            if fmt == "sft":
+                yield from text_runs(spec, normal.messages)
+            elif fmt == "preference":
+                for reply in (normal.chosen, normal.rejected):
+                    yield from text_runs(
+                        spec, [*normal.prompt, {"role": "assistant", "content": reply}])
+            else:
+                yield from text_runs(spec, normal.prompt, add_generation_prompt=True)
 
 
-def train_builtin_tokenizer(out_path: str, name: str = "tasks", vocab_size: int = 384) -> str:
-    """Trains a SentencePiece BPE model on a builtin dataset's train split.
+def train_builtin_tokenizer(out_path: str, vocab_size: int = TOKENIZER_VOCAB_SIZE) -> str:
+    """Trains the shipped SentencePiece BPE model on the world's training text.
 
     Training is single-threaded over an in-memory iterator, so the result is
     reproducible and no temporary files are written.
 
     Args:
       out_path: where to write the ``.model`` file (parent directories are created).
-      name: the builtin dataset whose train split is the corpus.
       vocab_size: total vocabulary size, including the 256 byte-fallback pieces.
 
     Returns:
@@ -226,7 +308,7 @@ def train_builtin_tokenizer(out_path: str, name: str = "tasks", vocab_size: int 
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_tokenizer_corpus(name),
+        sentence_iterator=_tokenizer_corpus(),
         model_writer=model,
         model_type="bpe",
         vocab_size=vocab_size,
@@ -252,10 +334,24 @@ def train_builtin_tokenizer(out_path: str, name: str = "tasks", vocab_size: int 
     return out_path
 
 
-def shipped_tokenizer_path(name: str) -> Path:
-    """Returns where the shipped tokenizer of a builtin dataset lives in the source tree."""
-    return Path(__file__).resolve().parent / "assets" / f"{name}.model"
+def assets_dir() -> Path:
+    """Where the shipped data and tokenizer live in the source tree."""
+    return Path(__file__).resolve().parent / "assets"
+
+
+def regenerate(root: Path | None = None) -> list[Path]:
+    """Writes every shipped split and the tokenizer under ``root`` (default: the assets)."""
+    root = root or assets_dir()
+    written = []
+    for name, splits in SHIPPED_SPLITS.items():
+        data = generate(name)
+        for split in splits:
+            write_jsonl_gz(root / name / f"{split}.jsonl.gz", data[split])
+            written.append(root / name / f"{split}.jsonl.gz")
+    written.append(Path(train_builtin_tokenizer(str(root / TOKENIZER_ASSET))))
+    return written
 
 
 if __name__ == "__main__":
-    print(train_builtin_tokenizer(str(shipped_tokenizer_path("tasks")), "tasks"))
+    for path in regenerate():
+        print(path)

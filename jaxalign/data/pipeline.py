@@ -1,378 +1,508 @@
-"""Records -> fixed-shape numpy batches for SFT.
+"""The data loader: source -> validate -> shuffle -> encode -> pad or pack -> batch.
 
-The stages are kept apart so that later formats reuse them: ``render_sft`` turns one
-record into token ids plus a per-token loss flag (a chat template would be another
-renderer), ``shift_and_pad`` turns those into next-token arrays of one static length
-(packing would be another packer), and ``SFTBatches`` owns ordering, sharding across
-processes and batching.
+``Loader`` opens a source, validates every record once (so a bad record is reported, or
+counted and skipped, before training starts) and then serves
 
-Example arrays carry the ``_t`` suffix and batch arrays ``_bt`` (see the dimension
-legend in the design notes): ``inputs``, ``targets``, ``loss_mask``, ``segment_ids``
-and ``positions``.
+* ``iterator()``: an endless, checkpointable ``DataIterator`` of training batches built
+  on grain — a seeded shuffle that changes every epoch, epochs back to back, each
+  process reading only its share of every global batch, optional worker processes —
+  whose ``get_state()`` is small JSON that the trainer stores in every checkpoint, so a
+  resumed run sees exactly the batches an uninterrupted run would have seen;
+* ``eval_batches()``: every record once, in order, in batches of a fixed shape, with
+  the same number of batches on every process.
+
+Packing (SFT) is best-fit decreasing over windows of ``pack_window`` consecutive
+examples, whose rows are then shuffled (seeded). A batch can span windows; the
+iterator state is the grain state at the start of the oldest window not yet fully
+emitted plus how many of its rows were emitted, and restoring replays that window
+(packing and the row shuffle are pure functions of the window).
+
+Batches are dicts of numpy arrays (see ``packing``); prompt batches also carry
+``extras`` (a list of dicts) for reward functions, which stays on the host.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import json
+import math
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
 import numpy as np
-from absl import logging
+from absl import flags, logging
 
+from jaxalign.data import packing
+from jaxalign.data.encode import BAD_RECORD_POLICIES, Encoder, Example
+from jaxalign.data.records import FORMATS, Location, RecordError, validate
+from jaxalign.data.sources import ListSource, RecordSource, open_source
 from jaxalign.data.tokenizer import Tokenizer
 
-OVERLONG_POLICIES = ("error", "skip", "truncate")
-FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
-_DTYPES = {name: np.float32 if name == "loss_mask" else np.int32 for name in FIELDS}
-
-# The minimal single-turn template; chat templates arrive with the messages format.
-USER_PREFIX = "User: "
-ASSISTANT_PREFIX = "\nAssistant: "
+STATS_KEY = "_stats"
 
 
-class RecordError(ValueError):
-    """A record that cannot be used, located by source, index and field."""
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+    """Everything the loader reads from ``config.data`` (plus the batch size).
 
-    def __init__(self, source: str, index: int, field: str, detail: str):
+    Attributes:
+      source: the source string (``builtin:``, ``jsonl:``, ``tfds:``).
+      split: the split to read.
+      fmt: the record format (``sft``, ``preference``, ``unpaired``, ``prompt``).
+      batch_size: rows per global batch (all processes together).
+      max_len: positions per sequence row.
+      max_prompt_len: ids per prompt row (0 = ``max_len``).
+      data_dir: where JSONL conversions and TFDS datasets live.
+      fields: stage field -> source column renames.
+      chat_template: template name or path (see ``chat.get_template``).
+      overlong: ``error``, ``truncate_left``, ``truncate_right`` or ``drop``.
+      on_bad_record: ``error`` or ``skip``.
+      pack: pack several SFT examples per row.
+      pack_window: examples per best-fit-decreasing window.
+      seed: shuffling seed.
+      shuffle: False keeps the source order (every epoch).
+      num_workers: grain worker processes (0 = in the calling process).
+    """
+
+    source: str
+    split: str
+    fmt: str
+    batch_size: int
+    max_len: int
+    max_prompt_len: int = 0
+    data_dir: str = ""
+    fields: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    chat_template: str = "auto"
+    overlong: str = "error"
+    on_bad_record: str = "error"
+    pack: bool = False
+    pack_window: int = 512
+    seed: int = 0
+    shuffle: bool = True
+    num_workers: int = 0
+
+    @classmethod
+    def from_config(cls, data: Any, split: str, fmt: str, batch_size: int) -> DataSettings:
+        """Reads ``config.data`` for the ``train`` or ``eval`` side."""
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        train = split == "train"
+        return cls(
+            source=data.train if train else data.eval,
+            split=data.train_split if train else data.eval_split,
+            fmt=fmt, batch_size=batch_size, max_len=data.max_len,
+            max_prompt_len=data.max_prompt_len, data_dir=data.dir,
+            fields={k: v for k, v in dict(data.fields).items() if v},
+            chat_template=data.chat_template, overlong=data.overlong,
+            on_bad_record=data.on_bad_record, pack=data.pack, pack_window=data.pack_window,
+            seed=data.seed, shuffle=train and data.shuffle, num_workers=data.num_workers)
+
+
+def _hashed_seed(seed: int) -> int:
+    # grain reseeds epoch e with seed + e, so neighbouring user seeds would share
+    # permutations one epoch apart; a hashed seed keeps seeds independent.
+    return int(np.random.SeedSequence(seed).generate_state(1)[0])
+
+
+class _EncodeIndex:
+    """grain map: a record index -> its example (picklable for worker processes)."""
+
+    def __init__(self, source: RecordSource, encoder: Encoder):
         self.source = source
-        self.index = index
-        self.field = field
-        self.detail = detail
-        super().__init__(f"{source or '<records>'}, record {index}, field {field!r}: {detail}")
+        self.encoder = encoder
 
-    def __reduce__(self):
-        # Keeps the error picklable (e.g. across data-loader worker processes) despite
-        # the custom constructor.
-        return type(self), (self.source, self.index, self.field, self.detail)
-
-
-def _get_str(
-    record: Mapping[str, Any], field: str, *, source: str, index: int, allow_empty: bool
-) -> str:
-    if field not in record:
-        raise RecordError(source, index, field, f"missing (record has {sorted(record)})")
-    value = record[field]
-    if not isinstance(value, str):
-        raise RecordError(source, index, field, f"expected str, got {type(value).__name__}")
-    if not allow_empty and not value.strip():
-        raise RecordError(source, index, field, "is empty or whitespace only")
-    return value
+    def __call__(self, index: Any) -> Example:
+        index = int(index)
+        try:
+            return self.encoder(self.source[index], Location(self.source.name, index))
+        except RecordError as e:
+            # Validators only know the index; the source knows the file and line.
+            raise self.source.locate(index).error(e.field, e.detail, type(e)) from None
 
 
-def render_sft(
-    record: Mapping[str, Any], tokenizer: Tokenizer, *, source: str = "", index: int = 0
-) -> tuple[list[int], list[int]]:
-    """Validates a prompt/response record and renders it with the minimal template.
+class _ProcessShard(grain.MapDataset):
+    """This process's share of a record stream, in blocks of ``block`` records.
 
-    Args:
-      record: ``{"prompt": str, "response": str}``; other keys are ignored.
-      tokenizer: the tokenizer.
-      source: the record's source, for error messages.
-      index: the record's index in its source, for error messages.
-
-    Returns:
-      ``(ids, flags)``: ``[bos] + encode("User: " + prompt + "\\nAssistant: ")`` followed
-      by ``encode(response) + [eos]``, and 1 for each response id (eos included), 0 else.
-
-    Raises:
-      RecordError: if a field is missing, not a string, or the response is empty.
-    """
-    if not isinstance(record, Mapping):
-        raise RecordError(
-            source, index, "<record>", f"expected a dict, got {type(record).__name__}"
-        )
-    prompt = _get_str(record, "prompt", source=source, index=index, allow_empty=True)
-    response = _get_str(record, "response", source=source, index=index, allow_empty=False)
-    # Prompt and response are encoded separately so the boundary is exact: a piece can
-    # never straddle the last prompt character and the first response character.
-    prompt_ids = [tokenizer.bos_id, *tokenizer.encode(USER_PREFIX + prompt + ASSISTANT_PREFIX)]
-    response_ids = [*tokenizer.encode(response), tokenizer.eos_id]
-    return prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)
-
-
-def _fit(
-    ids: list[int], flags: list[int], max_len: int, overlong: str, *, source: str, index: int
-) -> tuple[list[int], list[int]] | None:
-    # Shifting drops one id, so max_len + 1 ids fill max_len positions exactly.
-    if len(ids) <= max_len + 1:
-        return ids, flags
-    if overlong == "error":
-        raise RecordError(
-            source,
-            index,
-            "response",
-            f"sequence of {len(ids)} ids needs max_len >= {len(ids) - 1}, got max_len={max_len} "
-            "(set overlong='skip' or 'truncate' to allow this)",
-        )
-    if overlong == "truncate" and any(flags[1 : max_len + 1]):
-        return ids[: max_len + 1], flags[: max_len + 1]
-    # "skip", or a truncation that would leave no response token to learn from.
-    return None
-
-
-def padding_example(max_len: int, pad_id: int) -> dict[str, np.ndarray]:
-    """Returns an example that is padding only: ``pad_id`` ids, zero mask, segment 0."""
-    out = {f"{name}_t": np.zeros((max_len,), dtype=_DTYPES[name]) for name in FIELDS}
-    out["inputs_t"][:] = pad_id
-    out["targets_t"][:] = pad_id
-    return out
-
-
-def shift_and_pad(
-    ids: Sequence[int], flags: Sequence[int], max_len: int, pad_id: int
-) -> dict[str, np.ndarray]:
-    """Builds next-token arrays of length ``max_len`` from one sequence.
-
-    Args:
-      ids: token ids, at most ``max_len + 1`` of them.
-      flags: per-id loss flag (1 = the model is trained to predict this id).
-      max_len: the output length.
-      pad_id: the id written into padding positions of inputs and targets.
-
-    Returns:
-      ``inputs_t = ids[:-1]``, ``targets_t = ids[1:]``, ``loss_mask_t = flags[1:]``,
-      ``segment_ids_t`` (1 on real positions) and ``positions_t`` (0, 1, ... on real
-      positions), all right-padded with zeros (``pad_id`` for inputs and targets).
-    """
-    n = len(ids) - 1
-    if not 0 < n <= max_len:
-        raise ValueError(f"need 2 to max_len + 1 = {max_len + 1} ids, got {len(ids)}")
-    out = padding_example(max_len, pad_id)
-    out["inputs_t"][:n] = ids[:-1]
-    out["targets_t"][:n] = ids[1:]
-    out["loss_mask_t"][:n] = flags[1:]
-    out["segment_ids_t"][:n] = 1
-    out["positions_t"][:n] = np.arange(n)
-    return out
-
-
-def _encode(
-    record: Mapping[str, Any],
-    tokenizer: Tokenizer,
-    max_len: int,
-    *,
-    source: str,
-    index: int,
-    overlong: str,
-) -> tuple[dict[str, np.ndarray] | None, bool]:
-    ids, flags = render_sft(record, tokenizer, source=source, index=index)
-    fitted = _fit(ids, flags, max_len, overlong, source=source, index=index)
-    if fitted is None:
-        return None, False
-    return shift_and_pad(*fitted, max_len, tokenizer.pad_id), len(fitted[0]) < len(ids)
-
-
-def _check_overlong(overlong: str) -> None:
-    if overlong not in OVERLONG_POLICIES:
-        raise ValueError(f"overlong must be one of {OVERLONG_POLICIES}, got {overlong!r}")
-
-
-def encode_sft(
-    record: Mapping[str, Any],
-    tokenizer: Tokenizer,
-    max_len: int,
-    *,
-    source: str,
-    index: int,
-    overlong: str = "error",
-) -> dict[str, np.ndarray] | None:
-    """Validates, renders, shifts and pads one SFT record.
-
-    Args:
-      record: ``{"prompt": str, "response": str}``.
-      tokenizer: the tokenizer.
-      max_len: the length of every output array.
-      source: the record's source, for error messages.
-      index: the record's index in its source, for error messages.
-      overlong: what to do with more than ``max_len + 1`` ids: ``"error"`` raises,
-        ``"skip"`` returns None, ``"truncate"`` cuts the right end (or returns None if
-        no response token would remain).
-
-    Returns:
-      ``inputs_t``, ``targets_t``, ``loss_mask_t``, ``segment_ids_t``, ``positions_t``
-      (see ``shift_and_pad``), or None if the record is skipped.
-
-    Raises:
-      RecordError: for an invalid record, or an overlong one under ``"error"``.
-    """
-    _check_overlong(overlong)
-    example, _ = _encode(record, tokenizer, max_len, source=source, index=index, overlong=overlong)
-    return example
-
-
-class SFTBatches:
-    """Deterministic, process-sharded, fixed-shape SFT batches over a list of records.
-
-    All records are encoded once up front. Batch ``i`` is a pure function of
-    ``(seed, i)``, so resuming at step ``i`` needs only ``i``: the data-iterator state is
-    the step counter. Epochs follow one another without a gap (a global batch may span
-    two), each in a different shuffled order.
+    Process p takes records ``[i*B + p*block, i*B + (p+1)*block)`` of every stretch of
+    ``B = block * count`` records: with padding, the global batch is then the same on
+    any number of processes (the rows a single process would have put there).
     """
 
-    def __init__(
-        self,
-        records: Sequence[Mapping[str, Any]],
-        tokenizer: Tokenizer,
-        *,
-        max_len: int,
-        global_batch_size: int,
-        seed: int,
-        shuffle: bool = True,
-        source: str = "",
-        overlong: str = "error",
-        process_index: int = 0,
-        process_count: int = 1,
-    ):
-        """Encodes the records.
+    def __init__(self, parent: grain.MapDataset, index: int, count: int, block: int):
+        super().__init__(parent)
+        self._index, self._count, self._block = index, count, block
 
-        Args:
-          records: SFT records (``{"prompt": str, "response": str}``).
-          tokenizer: the tokenizer.
-          max_len: sequence length of every batch.
-          global_batch_size: rows per batch summed over all processes.
-          seed: shuffling seed (a non-negative int).
-          shuffle: False keeps the record order in every epoch.
-          source: the records' source string, for messages.
-          overlong: ``"error"``, ``"skip"`` or ``"truncate"`` (see ``encode_sft``).
-          process_index: this process's index.
-          process_count: the number of processes sharing each global batch.
+    def __len__(self) -> int:
+        return len(self._parent) // self._count
+
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            return self.slice(j)
+        block, offset = divmod(j, self._block)
+        return self._parent[(block * self._count + self._index) * self._block + offset]
+
+    def __str__(self) -> str:
+        return f"_ProcessShard({self._index}/{self._count}, block={self._block})"
+
+
+class _BatchDataset(grain.IterDataset):
+    """Examples -> batches of ``rows`` rows (padded or packed), with per-batch counts."""
+
+    def __init__(self, parent: grain.IterDataset, *, fmt: str, rows: int, max_len: int,
+                 max_prompt_len: int, pad_id: int, pack: bool, window: int, seed: int):
+        super().__init__(parent)
+        self.kw = dict(fmt=fmt, rows=rows, max_len=max_len, max_prompt_len=max_prompt_len,
+                       pad_id=pad_id, pack=pack, window=window, seed=seed)
+
+    def __iter__(self) -> _BatchIterator:
+        return _BatchIterator(self._parent.__iter__(), **self.kw)
+
+    def __str__(self) -> str:
+        return f"_BatchDataset({self.kw})"
+
+
+@dataclasses.dataclass
+class _Window:
+    anchor: dict[str, Any]  # parent state before the window's first example
+    rows: list[list[Example]]
+    counts: collections.Counter  # emptied once reported with a batch
+
+
+class _BatchIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, *, fmt: str, rows: int, max_len: int,
+                 max_prompt_len: int, pad_id: int, pack: bool, window: int, seed: int):
+        super().__init__(parent)
+        self._fmt, self._rows, self._max_len = fmt, rows, max_len
+        self._max_prompt_len, self._pad_id, self._pack = max_prompt_len, pad_id, pack
+        self._seed = seed
+        # Padding keeps the example order, so any window size gives the same batches;
+        # one batch's worth keeps the replay after a restore short.
+        self._window = window if pack else rows
+        self._windows: collections.deque[_Window] = collections.deque()
+        self._offset = 0
+        self._restore_offset = 0
+        self._exhausted = False
+
+    def _pending(self) -> int:
+        return sum(len(w.rows) for w in self._windows) - self._offset
+
+    def _read_window(self) -> None:
+        anchor = self._parent.get_state()
+        examples, counts = [], collections.Counter()
+        for _ in range(self._window):
+            try:
+                e = next(self._parent)
+            except StopIteration:
+                self._exhausted = True
+                break
+            counts["records"] += 1
+            if "dropped" in e:
+                counts["invalid" if e["bad"] else "dropped"] += 1
+                counts[f"reason:{e['dropped']}"] += 1
+                continue
+            counts["truncated"] += int(e["truncated"])
+            examples.append(e)
+        if not counts:
+            return
+        if self._fmt == "sft":
+            rows = packing.make_rows(examples, self._max_len, self._pack)
+        else:
+            rows = [[e] for e in examples]
+        if self._pack:
+            # Best-fit decreasing opens rows longest first; unshuffled, a window's first
+            # batches would hold only its longest records. The order is seeded by the
+            # window's start, so a replay after a restore shuffles the same way.
+            key = zlib.crc32(json.dumps(anchor, sort_keys=True).encode())
+            order = np.random.default_rng([self._seed, key]).permutation(len(rows))
+            rows = [rows[i] for i in order]
+        if self._restore_offset:
+            # Replaying after a restore: these rows (and the counts) were already emitted.
+            rows = rows[self._restore_offset:]
+            counts = collections.Counter()
+            self._restore_offset = 0
+        self._windows.append(_Window(anchor, rows, counts))
+
+    def __next__(self) -> dict[str, Any]:
+        while self._pending() < self._rows and not self._exhausted:
+            self._read_window()
+        if self._pending() <= 0:
+            raise StopIteration
+        rows: list[list[Example]] = []
+        stats: collections.Counter = collections.Counter()
+        while len(rows) < self._rows and self._windows:
+            w = self._windows[0]
+            stats.update(w.counts)
+            w.counts = collections.Counter()
+            take = w.rows[self._offset:self._offset + self._rows - len(rows)]
+            rows.extend(take)
+            self._offset += len(take)
+            if self._offset >= len(w.rows):
+                self._windows.popleft()
+                self._offset = 0
+        rows.extend([[]] * (self._rows - len(rows)))  # only at the end of a finite stream
+        batch = packing.collate(self._fmt, rows, self._max_len, self._max_prompt_len,
+                                self._pad_id)
+        batch[STATS_KEY] = dict(stats)
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        if self._windows:
+            return {"parent": self._windows[0].anchor, "offset": self._offset}
+        return {"parent": self._parent.get_state(), "offset": 0}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._windows.clear()
+        self._offset = 0
+        self._restore_offset = int(state["offset"])
+        self._exhausted = False
+
+
+class DataIterator:
+    """Training batches without end; ``get_state``/``set_state`` make it resumable.
+
+    It also keeps running totals (records read, dropped, truncated, real vs row
+    tokens) that ``metrics()`` reports and the state carries across restarts.
+    """
+
+    def __init__(self, dataset: grain.IterDataset, name: str):
+        self.name = name
+        self._it = iter(dataset)
+        self._counts: collections.Counter = collections.Counter()
+
+    def __iter__(self) -> DataIterator:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        batch = next(self._it)
+        stats = batch.pop(STATS_KEY)
+        # Warn once per cause; the running totals go to the metrics log.
+        for key in stats:
+            if key.startswith("reason:") and key not in self._counts:
+                logging.warning("%s: dropping records: %s (counted in data_dropped / "
+                                "data_invalid_skipped)", self.name, key[len("reason:"):])
+        if stats.get("truncated") and not self._counts["truncated"]:
+            logging.warning("%s: truncating records longer than data.max_len (data.overlong); "
+                            "counted in data_truncated", self.name)
+        self._counts.update(stats)
+        real, total = packing.real_tokens(batch)
+        self._counts["real_tokens"] += real
+        self._counts["row_tokens"] += total
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        """JSON-serialisable position (and running totals) of the iterator."""
+        return {"grain": self._it.get_state(), "counts": dict(self._counts)}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        """Restores a position saved by ``get_state``.
 
         Raises:
-          ValueError: for inconsistent arguments, or if no record is left to batch.
-          RecordError: for an invalid record, or an overlong one under ``"error"``.
+          ValueError: for a state this loader did not write.
         """
-        _check_overlong(overlong)
-        if max_len < 1:
-            raise ValueError(f"max_len must be positive, got {max_len}")
-        if global_batch_size < 1:
-            raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-        if global_batch_size % process_count:
+        if not isinstance(state, Mapping) or "grain" not in state:
             raise ValueError(
-                f"global_batch_size {global_batch_size} is not divisible by process_count "
-                f"{process_count}"
-            )
-        if seed < 0:
-            raise ValueError(f"seed must be non-negative, got {seed}")
-        self.source = source
-        self.max_len = max_len
-        self.global_batch_size = global_batch_size
-        self.local_batch_size = global_batch_size // process_count
-        self.process_index = process_index
-        self.process_count = process_count
-        self.seed = seed
-        self.shuffle = shuffle
+                f"{self.name}: checkpointed data state {sorted(state)!r} was not written by "
+                "this data pipeline; resume from a new workdir")
+        self._it.set_state(state["grain"])
+        self._counts = collections.Counter(state.get("counts", {}))
 
-        examples, kept, truncated = [], [], 0
-        for index, record in enumerate(records):
-            example, was_truncated = _encode(
-                record, tokenizer, max_len, source=source, index=index, overlong=overlong
-            )
-            if example is not None:
-                examples.append(example)
-                kept.append(index)
-                truncated += was_truncated
-        self.num_skipped = len(records) - len(examples)
-        self.num_truncated = truncated
-        where = source or "<records>"
-        if self.num_skipped:
-            logging.warning(
-                "%s: skipped %d of %d records longer than max_len=%d (overlong=%r)",
-                where,
-                self.num_skipped,
-                len(records),
-                max_len,
-                overlong,
-            )
-        if truncated:
-            logging.warning(
-                "%s: truncated %d of %d records to max_len=%d",
-                where,
-                truncated,
-                len(records),
-                max_len,
-            )
-        if not examples:
-            raise ValueError(f"{where}: no records left to batch ({self.num_skipped} skipped)")
-        # One trailing all-padding row, gathered for the padding rows of eval batches.
-        pad_row = padding_example(max_len, tokenizer.pad_id)
-        self._arrays = {
-            name: np.stack([e[f"{name}_t"] for e in [*examples, pad_row]]) for name in FIELDS
+    def metrics(self) -> dict[str, float]:
+        """Running data totals for the metrics log."""
+        c = self._counts
+        return {
+            "data_records": float(c["records"]),
+            "data_truncated": float(c["truncated"]),
+            "data_dropped": float(c["dropped"]),
+            "data_invalid_skipped": float(c["invalid"]),
+            "data_packing_efficiency": c["real_tokens"] / max(c["row_tokens"], 1),
         }
-        # Position of each example in `records`, to map batches back to their records.
-        self.record_indices = np.asarray(kept, dtype=np.int64)
 
-        order = grain.MapDataset.range(len(examples))
-        if shuffle:
-            # grain reseeds epoch e with seed + e, so neighbouring user seeds would share
-            # permutations one epoch apart; a hashed seed keeps seeds independent.
-            order = order.shuffle(seed=int(np.random.SeedSequence(seed).generate_state(1)[0]))
-        self._order = order.repeat()
+    def close(self) -> None:
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
 
-    @property
-    def num_examples(self) -> int:
-        """The number of encoded (non-skipped) examples in one epoch."""
-        return len(self.record_indices)
 
-    @property
-    def batches_per_epoch(self) -> int:
-        """Whole global batches per epoch (the remainder spills into the next epoch)."""
-        return self.num_examples // self.global_batch_size
+def validate_source(source: RecordSource, fmt: str,
+                    on_bad_record: str) -> tuple[np.ndarray, collections.Counter]:
+    """Validates every record of ``source``; returns the valid indices and skip reasons.
 
-    @property
-    def num_eval_batches(self) -> int:
-        """The number of batches ``eval_batches`` yields (the last one padded)."""
-        return -(-self.num_examples // self.global_batch_size)
+    Raises:
+      RecordError: under ``on_bad_record="error"``, for the first invalid record.
+    """
+    if on_bad_record not in BAD_RECORD_POLICIES:
+        raise ValueError(f"data.on_bad_record must be one of {BAD_RECORD_POLICIES}, got "
+                         f"{on_bad_record!r}")
+    kept, reasons = [], collections.Counter()
+    for i in range(len(source)):
+        try:
+            validate(source[i], fmt, Location(source.name, i))
+        except RecordError as e:
+            if on_bad_record == "error":
+                raise source.locate(i).error(e.field, e.detail) from None
+            reasons[e.reason] += 1
+            continue
+        kept.append(i)
+    return np.asarray(kept, dtype=np.int64), reasons
 
-    def _local_rows(self, i: int) -> range:
-        start = i * self.global_batch_size + self.process_index * self.local_batch_size
-        return range(start, start + self.local_batch_size)
 
-    def batch_indices(self, i: int) -> np.ndarray:
-        """Returns the example indices of this process's rows of global batch ``i``.
+class Loader:
+    """Batches of one split of one source for one process (see the module docstring)."""
 
-        Indices count encoded examples (``record_indices`` maps them to records).
-        """
-        if i < 0:
-            raise ValueError(f"batch index must be non-negative, got {i}")
-        return np.asarray([self._order[k] for k in self._local_rows(i)], dtype=np.int64)
-
-    def _gather(self, idx: np.ndarray) -> dict[str, np.ndarray]:
-        return {f"{name}_bt": self._arrays[name][idx] for name in FIELDS}
-
-    def batch(self, i: int) -> dict[str, np.ndarray]:
-        """Returns this process's rows of global training batch ``i`` (0-based).
+    def __init__(self, settings: DataSettings, tokenizer: Tokenizer, *, process_index: int = 0,
+                 process_count: int = 1, records: Sequence[Any] | None = None):
+        """Opens and validates the source.
 
         Args:
-          i: the global batch number; epochs roll over seamlessly.
+          settings: what to read and how to batch it.
+          tokenizer: the tokenizer.
+          process_index: this process's index.
+          process_count: the number of processes sharing each global batch.
+          records: in-memory records to use instead of opening ``settings.source``
+            (which then only names them in messages).
 
-        Returns:
-          ``inputs_bt``, ``targets_bt``, ``loss_mask_bt``, ``segment_ids_bt`` and
-          ``positions_bt``, each ``[global_batch_size // process_count, max_len]``.
+        Raises:
+          ValueError: for inconsistent settings, or if no valid record is left.
+          RecordError: for an invalid record under ``on_bad_record="error"``.
         """
-        return self._gather(self.batch_indices(i))
+        s = settings
+        if s.fmt not in FORMATS:
+            raise ValueError(f"unknown record format {s.fmt!r}; known: {FORMATS}")
+        if s.pack and s.fmt != "sft":
+            raise ValueError(f"data.pack applies to SFT batches only, not {s.fmt!r}")
+        if s.batch_size < 1 or s.batch_size % process_count:
+            raise ValueError(f"batch size {s.batch_size} must be a positive multiple of the "
+                             f"process count {process_count}")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        if s.seed < 0 or s.pack_window < 1 or s.num_workers < 0:
+            raise ValueError("data.seed and data.num_workers must be >= 0 and data.pack_window "
+                             f">= 1, got {s.seed}, {s.num_workers}, {s.pack_window}")
+        self.settings = s
+        self.tokenizer = tokenizer
+        self.process_index, self.process_count = process_index, process_count
+        self.local_batch_size = s.batch_size // process_count
+        self.source = (ListSource(records, s.source) if records is not None
+                       else open_source(s.source, s.split, data_dir=s.data_dir, fields=s.fields))
+        self.encoder = Encoder(s.fmt, tokenizer, template=s.chat_template, max_len=s.max_len,
+                               max_prompt_len=s.max_prompt_len, overlong=s.overlong,
+                               on_bad_record=s.on_bad_record)
+        self.indices, self.invalid = validate_source(self.source, s.fmt, s.on_bad_record)
+        where = f"{self.source.name} [{s.split}]"
+        if self.invalid:
+            logging.warning("%s: skipped %d of %d records (data.on_bad_record='skip'): %s", where,
+                            sum(self.invalid.values()), len(self.source),
+                            "; ".join(f"{n} x {r}" for r, n in self.invalid.most_common()))
+        if not len(self.indices):
+            raise ValueError(f"{where}: no valid records ({sum(self.invalid.values())} skipped)")
+        self._eval_cache: tuple[list[list[Example]], int] | None = None
 
-    def iterate(self, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        """Yields ``batch(start)``, ``batch(start + 1)``, ... without end."""
-        i = start
-        while True:
-            yield self.batch(i)
-            i += 1
+    @property
+    def num_records(self) -> int:
+        """Valid records in the split (all processes)."""
+        return len(self.indices)
 
-    def eval_batch_indices(self, j: int) -> np.ndarray:
-        """Returns example indices of this process's rows of eval batch ``j``; -1 = padding."""
-        idx = np.asarray(self._local_rows(j), dtype=np.int64)
-        return np.where(idx < self.num_examples, idx, -1)
+    @property
+    def num_invalid(self) -> int:
+        """Records skipped by validation."""
+        return sum(self.invalid.values())
 
-    def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
-        """Yields every example once, in order, in batches of the training shape.
+    def batch_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Shapes and dtypes of this process's batch arrays."""
+        s = self.settings
+        return packing.batch_spec(s.fmt, self.local_batch_size, s.max_len,
+                                  s.max_prompt_len or s.max_len)
 
-        Rows past the last example are padding (loss mask 0, segment 0), so shapes stay
-        static and no example is dropped.
+    def dataset(self) -> grain.IterDataset:
+        """The grain pipeline of training batches for this process."""
+        s = self.settings
+        ds = grain.MapDataset.source(self.indices)
+        if s.shuffle:
+            ds = ds.shuffle(seed=_hashed_seed(s.seed))
+        ds = ds.repeat()
+        if self.process_count > 1:
+            ds = _ProcessShard(ds, self.process_index, self.process_count,
+                               self.local_batch_size)
+        ds = ds.map(_EncodeIndex(self.source, self.encoder))
+        window = max(s.pack_window, self.local_batch_size)
+        # In-memory records encode faster than threads hand them over; a file-backed
+        # source overlaps reads in a few threads (a deep buffer costs time per element).
+        threads = 0 if isinstance(self.source, ListSource) else 2
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                                  prefetch_buffer_size=64))
+        it = _BatchDataset(it, fmt=s.fmt, rows=self.local_batch_size, max_len=s.max_len,
+                           max_prompt_len=s.max_prompt_len or s.max_len,
+                           pad_id=self.tokenizer.pad_id, pack=s.pack, window=window,
+                           seed=s.seed)
+        if s.num_workers:
+            # grain's workers read absl flags; a library caller may never have parsed any.
+            if not flags.FLAGS.is_parsed():
+                flags.FLAGS.mark_as_parsed()
+            it = it.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=s.num_workers, per_worker_buffer_size=2))
+        return it
+
+    def iterator(self) -> DataIterator:
+        """A fresh training iterator at the start of the stream."""
+        return DataIterator(self.dataset(), f"{self.source.name} [{self.settings.split}]")
+
+    def _eval_rows(self) -> tuple[list[list[Example]], int]:
+        if self._eval_cache is None:
+            s = self.settings
+            encode = _EncodeIndex(self.source, self.encoder)
+            examples, counts = [], collections.Counter()
+            for i in self.indices:
+                e = encode(i)
+                if "dropped" in e:
+                    counts[e["dropped"]] += 1
+                else:
+                    examples.append(e)
+            if counts:
+                logging.warning("%s [%s]: %d eval records dropped: %s", self.source.name, s.split,
+                                sum(counts.values()), dict(counts))
+            b, p, n_proc = self.local_batch_size, self.process_index, self.process_count
+            # Shares in blocks of b, as in training: padded eval batches are then the same
+            # on any number of processes.
+            shares = [[e for k, e in enumerate(examples) if (k // b) % n_proc == q]
+                      for q in range(n_proc)]
+            if s.pack:
+                # Every process packs every share so that all agree on the batch count.
+                rows = [packing.make_rows(share, s.max_len, True) for share in shares]
+                n = max(math.ceil(len(r) / b) for r in rows)
+                mine = rows[p]
+            else:
+                mine = [[e] for e in shares[p]]
+                n = math.ceil(len(examples) / (b * n_proc))
+            self._eval_cache = (mine, n)
+        return self._eval_cache
+
+    def eval_batches(self) -> Iterator[dict[str, Any]]:
+        """Yields every valid record once, in order, in batches of the training shape.
+
+        Rows past the last record are padding (no loss, segment 0), so shapes stay static,
+        nothing is dropped, and every process yields the same number of batches.
         """
-        for j in range(self.num_eval_batches):
-            idx = self.eval_batch_indices(j)
-            # -1 selects the trailing padding row of the stacked arrays.
-            yield self._gather(idx)
+        s = self.settings
+        rows, n = self._eval_rows()
+        b = self.local_batch_size
+        for j in range(n):
+            chunk = rows[j * b:(j + 1) * b]
+            chunk = chunk + [[]] * (b - len(chunk))
+            yield packing.collate(s.fmt, chunk, s.max_len, s.max_prompt_len or s.max_len,
+                                  self.tokenizer.pad_id)
+
+
+def build_loader(config: Any, tokenizer: Tokenizer, split: str, fmt: str, *,
+                 process_index: int = 0, process_count: int = 1) -> Loader:
+    """The loader of ``config.data``'s ``train`` or ``eval`` side for record format ``fmt``.
+
+    The batch size is ``config.train.batch_size`` for training and
+    ``config.data.eval_batch_size`` for evaluation.
+    """
+    batch = config.train.batch_size if split == "train" else config.data.eval_batch_size
+    settings = DataSettings.from_config(config.data, split, fmt, batch)
+    return Loader(settings, tokenizer, process_index=process_index, process_count=process_count)

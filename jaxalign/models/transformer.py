@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxalign.sharding import constrain
@@ -33,9 +34,20 @@ def resolve_dtype(name: str | jnp.dtype) -> jnp.dtype:
     return _DTYPES[name]
 
 
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
+ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
+LAYER_TYPES = ("full", "sliding")
+ROPE_SCALINGS = ("none", "linear", "llama3")
+
+
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
-    """Shape and numerics of the decoder; frozen so it can key jit caches."""
+    """Shape and numerics of the decoder; frozen so it can key jit caches.
+
+    The defaults describe a Llama-style decoder. The other fields switch on the
+    features of the Mistral, Qwen and Gemma families; ``family`` only names the
+    Hugging Face architecture an export writes (``jaxalign.models.hf_config``).
+    """
 
     vocab_size: int
     d_model: int
@@ -52,6 +64,33 @@ class TransformerConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     init_std: float = 0.02
+    family: str = "llama"
+    mlp_activation: str = "silu"
+    # Gemma stores RMSNorm weights centred on zero and scales by (1 + w).
+    norm_plus_one: bool = False
+    # Gemma multiplies the embedding output by sqrt(d_model).
+    scale_embeddings: bool = False
+    # Gemma 2/3 also normalise the attention and MLP outputs before the residual add.
+    post_norms: bool = False
+    # tanh soft-capping of attention scores / final logits: cap * tanh(x / cap); 0 = off.
+    attn_softcap: float = 0.0
+    final_softcap: float = 0.0
+    # Attention scores are scaled by query_pre_attn_scalar ** -0.5; 0 means head_dim.
+    query_pre_attn_scalar: float = 0.0
+    # Per-layer "full" or "sliding" attention; () = every layer full.
+    layer_types: tuple[str, ...] = ()
+    # Sliding layers see the last `sliding_window` positions, themselves included.
+    sliding_window: int = 0
+    # RoPE base of sliding layers (unscaled); 0 = sliding layers use the full layers' RoPE.
+    local_rope_theta: float = 0.0
+    # RoPE frequency scaling of full layers: none | linear | llama3 (Llama 3.1+).
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    # Context length the model was trained for (metadata carried into exports).
+    max_position_embeddings: int = 8192
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
@@ -66,6 +105,30 @@ class TransformerConfig:
             raise ValueError(f"model.head_dim={self.head_dim} must be even for RoPE")
         resolve_dtype(self.param_dtype)
         resolve_dtype(self.dtype)
+        for name, allowed in (("family", FAMILIES), ("mlp_activation", ACTIVATIONS),
+                              ("rope_scaling", ROPE_SCALINGS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"model.{name}={getattr(self, name)!r}; expected one of "
+                                 f"{list(allowed)}")
+        # Configs may hand over a list (JSON, ConfigDict); the dataclass must stay hashable.
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        if self.layer_types:
+            if len(self.layer_types) != self.n_layers:
+                raise ValueError(f"model.layer_types has {len(self.layer_types)} entries but "
+                                 f"model.n_layers={self.n_layers}")
+            bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if bad:
+                raise ValueError(f"model.layer_types: unknown types {bad}; expected "
+                                 f"{list(LAYER_TYPES)}")
+            if "sliding" in self.layer_types and self.sliding_window <= 0:
+                raise ValueError("model.layer_types has sliding layers but "
+                                 f"model.sliding_window={self.sliding_window}")
+        if self.rope_scaling != "none" and self.rope_factor <= 0:
+            raise ValueError(f"model.rope_factor={self.rope_factor} must be positive")
+        if (self.rope_scaling == "llama3"
+                and self.rope_high_freq_factor <= self.rope_low_freq_factor):
+            raise ValueError("model.rope_high_freq_factor must exceed model.rope_low_freq_factor "
+                             "for llama3 RoPE scaling")
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> TransformerConfig:
@@ -75,6 +138,20 @@ class TransformerConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def layer_type(self, i: int) -> str:
+        """``"full"`` or ``"sliding"`` attention for layer ``i``."""
+        return self.layer_types[i] if self.layer_types else "full"
+
+    def rope_inv_freq(self, layer_type: str = "full") -> np.ndarray:
+        """RoPE inverse frequencies ``[head_dim // 2]`` (float32) for a layer type."""
+        if layer_type == "sliding" and self.local_rope_theta > 0:
+            return rope_inv_freq(self.head_dim, self.local_rope_theta)
+        return rope_inv_freq(
+            self.head_dim, self.rope_theta, scaling=self.rope_scaling, factor=self.rope_factor,
+            low_freq_factor=self.rope_low_freq_factor,
+            high_freq_factor=self.rope_high_freq_factor,
+            original_max_len=self.rope_original_max_len)
 
     def matmul_params(self) -> int:
         """Parameters that take part in matmuls (embedding lookup excluded, unembedding kept)."""
@@ -88,6 +165,33 @@ class TransformerConfig:
         return 6.0 * self.matmul_params() + 6.0 * self.n_layers * seq_len * self.d_model
 
 
+def rope_inv_freq(head_dim: int, theta: float, *, scaling: str = "none", factor: float = 1.0,
+                  low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
+                  original_max_len: int = 8192) -> np.ndarray:
+    """RoPE inverse frequencies, optionally scaled (linear, or Llama 3.1's banded scheme).
+
+    Computed once on the host in float64 and rounded to float32, so every layer
+    and every trace sees the same constants.
+    """
+    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    if scaling == "linear":
+        inv = inv / factor
+    elif scaling == "llama3":
+        # Long wavelengths (low frequencies) are slowed by `factor`, short ones kept, and
+        # the band between interpolated smoothly (Llama 3.1's context extension).
+        wavelen = 2 * np.pi / inv
+        low_wavelen = original_max_len / low_freq_factor
+        high_wavelen = original_max_len / high_freq_factor
+        smooth = (original_max_len / wavelen - low_freq_factor) / (
+            high_freq_factor - low_freq_factor)
+        mid = (1 - smooth) * inv / factor + smooth * inv
+        inv = np.where(wavelen > low_wavelen, inv / factor,
+                       np.where(wavelen < high_wavelen, inv, mid))
+    elif scaling != "none":
+        raise ValueError(f"unknown RoPE scaling {scaling!r}; expected one of {ROPE_SCALINGS}")
+    return inv.astype(np.float32)
+
+
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], std: float,
            dtype) -> nnx.Param:
     init = jax.nn.initializers.normal(stddev=std)
@@ -99,38 +203,55 @@ def _zeros(shape: tuple[int, ...], axes: tuple[str | None, ...], dtype) -> nnx.P
 
 
 class RMSNorm(nnx.Module):
-    """RMSNorm computed in float32, scale applied as ``x * w``."""
+    """RMSNorm computed in float32; scale applied as ``x * w`` (or ``x * (1 + w)``)."""
 
-    def __init__(self, dim: int, *, eps: float, param_dtype, axis_name: str = "norm"):
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=(axis_name,))
+    def __init__(self, dim: int, *, eps: float, param_dtype, axis_name: str = "norm",
+                 plus_one: bool = False):
+        init = jnp.zeros if plus_one else jnp.ones
+        self.scale = nnx.Param(init((dim,), param_dtype), logical_axes=(axis_name,))
         self.eps = eps
+        self.plus_one = plus_one
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
         var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
         y = x32 * jax.lax.rsqrt(var + self.eps)
-        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+        w = self.scale[...].astype(jnp.float32)
+        return (y * (1.0 + w if self.plus_one else w)).astype(x.dtype)
 
 
-def rope(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, half-split layout (as in HF Llama's ``rotate_half``)."""
+def rope(x_btnh: jax.Array, positions_bt: jax.Array, theta: float | np.ndarray) -> jax.Array:
+    """Rotary embedding, half-split layout (as in HF Llama's ``rotate_half``).
+
+    Args:
+      x_btnh: queries or keys.
+      positions_bt: token positions.
+      theta: the RoPE base, or precomputed inverse frequencies ``[h // 2]``
+        (see :func:`rope_inv_freq`).
+    """
     h = x_btnh.shape[-1]
-    freq_h = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
-    angle_bth = positions_bt.astype(jnp.float32)[..., None] * freq_h
+    freq_h = np.asarray(theta, np.float32)
+    if freq_h.ndim == 0:
+        freq_h = rope_inv_freq(h, float(theta))
+    angle_bth = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(freq_h)
     sin, cos = jnp.sin(angle_bth)[:, :, None, :], jnp.cos(angle_bth)[:, :, None, :]
     x1, x2 = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x_btnh.dtype)
 
 
-def attention_mask(segment_ids_bt: jax.Array) -> jax.Array:
-    """Causal mask AND same-segment mask; segment 0 marks padding.
+def attention_mask(segment_ids_bt: jax.Array, sliding_window: int = 0) -> jax.Array:
+    """Causal mask AND same-segment mask (AND a sliding window); segment 0 marks padding.
 
     Returns a boolean ``[b, 1, t, s]`` mask. Padding queries attend to themselves
-    only so that no row is fully masked (their outputs carry no loss).
+    only so that no row is fully masked (their outputs carry no loss). With
+    ``sliding_window > 0`` query ``t`` sees keys ``s`` with ``t - s < sliding_window``
+    (itself included), as Mistral and Gemma 2/3 do.
     """
     t = segment_ids_bt.shape[1]
     causal_ts = jnp.tril(jnp.ones((t, t), dtype=bool))
+    if sliding_window > 0:
+        causal_ts = causal_ts & ~jnp.tril(jnp.ones((t, t), dtype=bool), k=-sliding_window)
     same_bts = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
     real_bs = (segment_ids_bt != 0)[:, None, :]
     mask_bts = causal_ts[None] & same_bts & real_bs
@@ -138,14 +259,19 @@ def attention_mask(segment_ids_bt: jax.Array) -> jax.Array:
     return mask_bts[:, None]
 
 
-class Attention(nnx.Module):
-    """Grouped-query attention with RoPE, optional q/k/v bias and q/k-norm."""
+def _softcap(x: jax.Array, cap: float) -> jax.Array:
+    return x if cap <= 0 else cap * jnp.tanh(x / cap)
 
-    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+
+class Attention(nnx.Module):
+    """Grouped-query attention with RoPE, optional q/k/v bias, q/k-norm, soft-capping."""
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs, layer_type: str = "full"):
         pd = resolve_dtype(cfg.param_dtype)
         d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         std = cfg.init_std
         self.cfg = cfg
+        self.layer_type = layer_type
         self.q_proj = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), std, pd)
         self.k_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, pd)
         self.v_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, pd)
@@ -155,8 +281,10 @@ class Attention(nnx.Module):
             self.k_bias = _zeros((k, h), ("kv_heads", "head_dim"), pd)
             self.v_bias = _zeros((k, h), ("kv_heads", "head_dim"), pd)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(h, eps=cfg.norm_eps, param_dtype=pd, axis_name="head_dim")
-            self.k_norm = RMSNorm(h, eps=cfg.norm_eps, param_dtype=pd, axis_name="head_dim")
+            norm = dict(eps=cfg.norm_eps, param_dtype=pd, axis_name="head_dim",
+                        plus_one=cfg.norm_plus_one)
+            self.q_norm = RMSNorm(h, **norm)
+            self.k_norm = RMSNorm(h, **norm)
 
     def __call__(self, x_btd, positions_bt, mask_b1ts):
         cfg = self.cfg
@@ -170,15 +298,17 @@ class Attention(nnx.Module):
             v_btkh = v_btkh + self.v_bias[...].astype(dt)
         if cfg.qk_norm:
             q_btnh, k_btkh = self.q_norm(q_btnh), self.k_norm(k_btkh)
-        q_btnh = rope(q_btnh, positions_bt, cfg.rope_theta)
-        k_btkh = rope(k_btkh, positions_bt, cfg.rope_theta)
+        inv_freq = cfg.rope_inv_freq(self.layer_type)
+        q_btnh = rope(q_btnh, positions_bt, inv_freq)
+        k_btkh = rope(k_btkh, positions_bt, inv_freq)
         q_btnh = constrain(q_btnh, ("act_batch", "act_seq", "act_heads", None))
         b, t, n, h = q_btnh.shape
         g = n // cfg.n_kv_heads
         # Group query heads by their kv head so K/V are never repeated in memory.
         q_btkgh = q_btnh.reshape(b, t, cfg.n_kv_heads, g, h)
         logits_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_btkh).astype(jnp.float32)
-        logits_bkgts = logits_bkgts * (h ** -0.5)
+        logits_bkgts = logits_bkgts * ((cfg.query_pre_attn_scalar or h) ** -0.5)
+        logits_bkgts = _softcap(logits_bkgts, cfg.attn_softcap)
         logits_bkgts = jnp.where(mask_b1ts[:, :, None], logits_bkgts, -1e30)
         probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(dt)
         out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_btkh)
@@ -187,8 +317,15 @@ class Attention(nnx.Module):
         return out_btd
 
 
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
+
+
 class MLP(nnx.Module):
-    """Gated MLP (SwiGLU): down(silu(gate(x)) * up(x))."""
+    """Gated MLP: down(act(gate(x)) * up(x)) — SwiGLU (silu) or GeGLU (gelu)."""
 
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
         pd = resolve_dtype(cfg.param_dtype)
@@ -200,25 +337,42 @@ class MLP(nnx.Module):
 
     def __call__(self, x_btd):
         dt = resolve_dtype(self.cfg.dtype)
+        act = _ACTIVATIONS[self.cfg.mlp_activation]
         gate_btf = x_btd @ self.gate_proj[...].astype(dt)
         up_btf = x_btd @ self.up_proj[...].astype(dt)
-        h_btf = constrain(jax.nn.silu(gate_btf) * up_btf, ("act_batch", "act_seq", "act_mlp"))
+        h_btf = constrain(act(gate_btf) * up_btf, ("act_batch", "act_seq", "act_mlp"))
         return h_btf @ self.down_proj[...].astype(dt)
 
 
 class Block(nnx.Module):
-    """Pre-norm decoder block: x + attn(norm(x)); x + mlp(norm(x))."""
+    """Pre-norm decoder block: x + attn(norm(x)); x + mlp(norm(x)).
 
-    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    With ``post_norms`` (Gemma 2/3) each sub-layer's output is normalised too:
+    x + post_norm(attn(norm(x))).
+    """
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs, layer_type: str = "full"):
         pd = resolve_dtype(cfg.param_dtype)
-        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
-        self.attn = Attention(cfg, rngs=rngs)
-        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
+        norm = dict(eps=cfg.norm_eps, param_dtype=pd, plus_one=cfg.norm_plus_one)
+        self.layer_type = layer_type
+        self.attn_norm = RMSNorm(cfg.d_model, **norm)
+        self.attn = Attention(cfg, rngs=rngs, layer_type=layer_type)
+        self.mlp_norm = RMSNorm(cfg.d_model, **norm)
         self.mlp = MLP(cfg, rngs=rngs)
+        if cfg.post_norms:
+            self.post_attn_norm = RMSNorm(cfg.d_model, **norm)
+            self.post_mlp_norm = RMSNorm(cfg.d_model, **norm)
+        self.post_norms = cfg.post_norms
 
     def __call__(self, x_btd, positions_bt, mask_b1ts):
-        x_btd = x_btd + self.attn(self.attn_norm(x_btd), positions_bt, mask_b1ts)
-        x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
+        attn_btd = self.attn(self.attn_norm(x_btd), positions_bt, mask_b1ts)
+        if self.post_norms:
+            attn_btd = self.post_attn_norm(attn_btd)
+        x_btd = x_btd + attn_btd
+        mlp_btd = self.mlp(self.mlp_norm(x_btd))
+        if self.post_norms:
+            mlp_btd = self.post_mlp_norm(mlp_btd)
+        x_btd = x_btd + mlp_btd
         return constrain(x_btd, ("act_batch", "act_seq", "act_embed"))
 
 
@@ -230,8 +384,10 @@ class Transformer(nnx.Module):
         self.cfg = cfg
         self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
                             cfg.init_std, pd)
-        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
-        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
+        self.layers = nnx.List([Block(cfg, rngs=rngs, layer_type=cfg.layer_type(i))
+                                for i in range(cfg.n_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd,
+                                  plus_one=cfg.norm_plus_one)
         if not cfg.tie_embeddings:
             self.unembed = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                                   cfg.init_std, pd)
@@ -239,30 +395,37 @@ class Transformer(nnx.Module):
     def hidden(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None,
                segment_ids_bt: jax.Array | None = None) -> jax.Array:
         """Final-norm hidden states ``[b, t, d]`` (used by LM and scalar heads)."""
+        cfg = self.cfg
         b, t = tokens_bt.shape
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids_bt is None:
             segment_ids_bt = jnp.ones((b, t), jnp.int32)
-        dt = resolve_dtype(self.cfg.dtype)
+        dt = resolve_dtype(cfg.dtype)
         # Gather from a whole table: a gather from a vocab/embed-sharded table
         # forces XLA into a full rematerialisation of its output anyway.
         table_vd = constrain(self.embed[...], (None, None))
         x_btd = jnp.take(table_vd, tokens_bt, axis=0).astype(dt)
+        if cfg.scale_embeddings:
+            # Rounded to the compute dtype first, as the reference implementation does.
+            x_btd = x_btd * jnp.asarray(cfg.d_model ** 0.5, dt)
         x_btd = constrain(x_btd, ("act_batch", "act_seq", "act_embed"))
-        mask_b1ts = attention_mask(segment_ids_bt)
+        masks = {"full": attention_mask(segment_ids_bt)}
+        if "sliding" in cfg.layer_types:
+            masks["sliding"] = attention_mask(segment_ids_bt, cfg.sliding_window)
         for block in self.layers:
-            x_btd = block(x_btd, positions_bt, mask_b1ts)
+            x_btd = block(x_btd, positions_bt, masks[block.layer_type])
         return self.final_norm(x_btd)
 
     def logits(self, h_btd: jax.Array) -> jax.Array:
-        """Projects hidden states to float32 vocabulary logits."""
+        """Projects hidden states to float32 vocabulary logits (soft-capped if configured)."""
         dt = resolve_dtype(self.cfg.dtype)
         if self.cfg.tie_embeddings:
             w_dv = self.embed[...].astype(dt).T
         else:
             w_dv = self.unembed[...].astype(dt)
         logits_btv = jnp.einsum("btd,dv->btv", h_btd, w_dv, preferred_element_type=jnp.float32)
+        logits_btv = _softcap(logits_btv, self.cfg.final_softcap)
         return constrain(logits_btv, ("act_batch", "act_seq", "act_vocab"))
 
     def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None,

@@ -1,0 +1,55 @@
+"""Reward model (Bradley–Terry) on preference pairs.
+
+Presets: ``demo`` (starts from the SFT demo's workdir, trains on the builtin
+world's preference pairs and evaluates pairwise accuracy on held-out pairs) and
+``test`` (tiny, from scratch, seconds).
+
+    python -m launch.train --config=configs/rm.py:demo --workdir=runs/rm-demo
+"""
+
+import ml_collections
+
+from jaxalign.config import base_config, model_config
+
+
+def preference_data(config, max_len: int = 64) -> None:
+    """Points ``config.data`` at the builtin world's preference splits."""
+    config.data.train = config.data.eval = "builtin:world"
+    config.data.train_split = "preference"
+    config.data.eval_split = "preference_eval"
+    config.data.max_len = max_len
+    config.data.overlong = "truncate_left"
+
+
+def get_config(arg: str = "demo"):
+    config = base_config("rm")
+    config.rm = ml_collections.ConfigDict(dict(center_coef=0.0))
+    preference_data(config)
+    if arg == "demo":
+        config.model = model_config("small")
+        config.model.init_from = "workdir:runs/sft-demo"
+        config.train.steps = 300
+        config.train.batch_size = 32
+        config.train.log_every = 25
+        config.train.eval_every = 100
+        config.optim.learning_rate = 1e-3
+        config.optim.warmup_steps = 30
+        config.checkpoint.save_every = 100
+    elif arg == "test":
+        config.model = model_config("tiny")
+        config.data.max_len = 48
+        config.train.steps = 20
+        config.train.batch_size = 16
+        config.train.log_every = 5
+        config.train.eval_every = 10
+        config.train.eval_batches = 2
+        config.data.eval_batch_size = 16
+        config.optim.learning_rate = 3e-3
+        config.optim.warmup_steps = 2
+        config.checkpoint.save_every = 10
+        config.checkpoint.async_save = False
+        config.metrics.peak_flops = 1e11
+    else:
+        raise ValueError(f"unknown preset {arg!r} for configs/rm.py; known: demo, test")
+    config.lock()
+    return config

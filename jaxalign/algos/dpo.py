@@ -1,0 +1,150 @@
+"""The DPO family on preference pairs: one stage, ``config.dpo.loss_type`` picks the objective.
+
+Reference-based losses (TRL's ``sigmoid``, ``ipo``, ``hinge``, ... see
+``losses.DPO_LOSS_TYPES``) read the frozen reference's log-probs either from
+the batch (``ref_chosen_logps_b``/``ref_rejected_logps_b``, precomputed) or
+from a frozen, non-donated reference model run in the step
+(``dpo.reference = "in_step"``). ``simpo`` and ``orpo`` are reference-free.
+``dpo.rpo_alpha`` > 0 adds RPO's NLL on chosen tokens to any of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxalign import losses
+from jaxalign.algos.pairs import halves, mean_pair, pair_valid, stacked
+from jaxalign.step import Batch, LossOut
+
+RECORD_FORMAT = "preference"
+REFERENCE_FREE = ("simpo", "orpo")
+LOSS_TYPES = (*losses.DPO_LOSS_TYPES, *REFERENCE_FREE)
+
+
+def loss_weights(batch: Batch) -> dict[str, jax.Array]:
+    """Pair losses average over real pairs; NLL terms over chosen completion tokens."""
+    return {"pairs": jnp.sum(pair_valid(batch)),
+            "chosen_tokens": jnp.sum(batch["chosen_loss_mask_bt"].astype(jnp.float32))}
+
+
+def uses_reference(config: Any) -> bool:
+    return config.dpo.loss_type not in REFERENCE_FREE
+
+
+def frozen_models(config: Any) -> tuple[str, ...]:
+    """Frozen models the step needs: the reference policy when computed in-step."""
+    if uses_reference(config) and config.dpo.reference == "in_step":
+        return ("reference",)
+    return ()
+
+
+def precomputed_columns(config: Any):
+    """``("reference", fn)`` when the reference log-probs are precomputed, else None."""
+    if not (uses_reference(config) and config.dpo.reference == "precomputed"):
+        return None
+
+    def columns(ref_model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
+        chosen, rejected = reference_logps(ref_model, batch)
+        return {"ref_chosen_logps_b": chosen, "ref_rejected_logps_b": rejected}
+
+    return "reference", columns
+
+
+def sequence_logps(model: nnx.Module, seq: Mapping[str, jax.Array]
+                   ) -> tuple[jax.Array, jax.Array]:
+    """Per-row summed completion log-probs and completion lengths of stacked sequences."""
+    logits_btv = model(seq["inputs_bt"], seq["positions_bt"], seq["segment_ids_bt"])
+    mask_bt = seq["loss_mask_bt"].astype(jnp.float32)
+    logps_bt = losses.token_logps(logits_btv, seq["targets_bt"]) * mask_bt
+    return jnp.sum(logps_bt, axis=-1), jnp.sum(mask_bt, axis=-1)
+
+
+def reference_logps(ref_model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """The frozen reference's (chosen, rejected) summed log-probs for a batch."""
+    logps_b, _ = sequence_logps(ref_model, stacked(batch))
+    return halves(jax.lax.stop_gradient(logps_b))
+
+
+def check_config(config: Any) -> None:
+    """Stops before any compute on an unknown loss or an impossible combination."""
+    dpo = config.dpo
+    if dpo.loss_type not in LOSS_TYPES:
+        raise ValueError(f"dpo.loss_type={dpo.loss_type!r}; known: {', '.join(LOSS_TYPES)}")
+    if dpo.reference not in ("in_step", "precomputed"):
+        raise ValueError(f"dpo.reference={dpo.reference!r}; expected in_step or precomputed")
+    if dpo.beta <= 0:
+        raise ValueError(f"dpo.beta={dpo.beta} must be positive")
+    if dpo.loss_type == "robust" and not 0 <= dpo.label_smoothing < 0.5:
+        raise ValueError(f"dpo.label_smoothing={dpo.label_smoothing} must be in [0, 0.5) for "
+                         "robust DPO")
+
+
+def make_loss(config: Any):
+    """``(loss_fn, loss_weights)`` for ``config.dpo``."""
+    check_config(config)
+    dpo = config.dpo
+    loss_type, beta = dpo.loss_type, float(dpo.beta)
+
+    def loss_fn(model: nnx.Module, batch: Batch, frozen: Mapping[str, Any] | None = None
+                ) -> LossOut:
+        seq = stacked(batch)
+        logps_b, lengths_b = sequence_logps(model, seq)
+        chosen, rejected = halves(logps_b)
+        chosen_len, rejected_len = halves(lengths_b)
+        valid = pair_valid(batch)
+        metrics: dict[str, tuple[jax.Array, jax.Array]] = {}
+        terms: dict[str, jax.Array] = {}
+        if loss_type == "simpo":
+            pair_losses, c_rew, r_rew = losses.simpo_loss(
+                chosen / jnp.maximum(chosen_len, 1), rejected / jnp.maximum(rejected_len, 1),
+                beta=beta, gamma=float(dpo.simpo_gamma), label_smoothing=dpo.label_smoothing)
+        elif loss_type == "orpo":
+            c_avg = chosen / jnp.maximum(chosen_len, 1)
+            r_avg = rejected / jnp.maximum(rejected_len, 1)
+            pair_losses, log_odds = losses.orpo_odds_ratio_loss(c_avg, r_avg, beta=beta)
+            c_rew, r_rew = jax.lax.stop_gradient(beta * c_avg), jax.lax.stop_gradient(beta * r_avg)
+            terms["chosen_tokens"] = -jnp.sum(chosen)  # ORPO's SFT term
+            metrics["log_odds_ratio"] = mean_pair(log_odds, valid)
+        else:
+            if "ref_chosen_logps_b" in batch:
+                ref_c, ref_r = batch["ref_chosen_logps_b"], batch["ref_rejected_logps_b"]
+            else:
+                ref_c, ref_r = reference_logps(frozen["reference"], batch)
+            pair_losses, c_rew, r_rew = losses.dpo_loss(
+                chosen, rejected, ref_c, ref_r, loss_type=loss_type, beta=beta,
+                label_smoothing=dpo.label_smoothing, discopop_tau=dpo.discopop_tau,
+                chosen_lengths=chosen_len, rejected_lengths=rejected_len)
+        terms["pairs"] = jnp.sum(pair_losses * valid)
+        if dpo.rpo_alpha > 0:
+            nll = -jnp.sum(chosen * valid)
+            terms["chosen_tokens"] = terms.get("chosen_tokens", 0.0) + dpo.rpo_alpha * nll
+        metrics.update({
+            "rewards/chosen": mean_pair(c_rew, valid),
+            "rewards/rejected": mean_pair(r_rew, valid),
+            "rewards/accuracy": mean_pair((c_rew > r_rew).astype(jnp.float32), valid),
+            "rewards/margin": mean_pair(c_rew - r_rew, valid),
+            "logps/chosen": mean_pair(chosen, valid),
+            "logps/rejected": mean_pair(rejected, valid),
+            "nll/chosen": (-jnp.sum(chosen * valid), jnp.sum(chosen_len * valid)),
+        })
+        return LossOut(terms, metrics)
+
+    return loss_fn, loss_weights
+
+
+def build_data(config: Any, tokenizer: Any, split: str, *, process_index: int,
+               process_count: int):
+    """Preference pairs (prompt + chosen, prompt + rejected) for this process."""
+    from jaxalign.data.pipeline import build_loader
+
+    return build_loader(config, tokenizer, split, RECORD_FORMAT, process_index=process_index,
+                        process_count=process_count)
+
+
+def tokens_per_batch(batch: Mapping[str, Any]) -> int:
+    return int(batch["chosen_inputs_bt"].size + batch["rejected_inputs_bt"].size)

@@ -1,0 +1,56 @@
+"""Reward modelling: a Bradley–Terry scalar head trained on preference pairs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxalign import losses
+from jaxalign.algos.pairs import halves, mean_pair, pair_valid, stacked
+from jaxalign.models.heads import RewardModel
+from jaxalign.step import Batch, LossOut
+
+RECORD_FORMAT = "preference"
+make_model = RewardModel
+
+
+def loss_weights(batch: Batch) -> dict[str, jax.Array]:
+    """The loss is a mean over the real pairs of the global batch."""
+    return {"pairs": jnp.sum(pair_valid(batch))}
+
+
+def make_loss(config: Any):
+    """``(loss_fn, loss_weights)`` for ``config.rm``."""
+    center_coef = float(config.rm.center_coef)
+
+    def loss_fn(model: nnx.Module, batch: Batch) -> LossOut:
+        seq = stacked(batch)
+        r_chosen, r_rejected = halves(
+            model.rewards(seq["inputs_bt"], seq["positions_bt"], seq["segment_ids_bt"]))
+        valid = pair_valid(batch)
+        pair_losses = losses.bradley_terry_loss(r_chosen, r_rejected, center_coef=center_coef)
+        return LossOut(
+            {"pairs": jnp.sum(pair_losses * valid)},
+            {"accuracy": mean_pair((r_chosen > r_rejected).astype(jnp.float32), valid),
+             "margin": mean_pair(r_chosen - r_rejected, valid),
+             "rewards/chosen": mean_pair(r_chosen, valid),
+             "rewards/rejected": mean_pair(r_rejected, valid)})
+
+    return loss_fn, loss_weights
+
+
+def build_data(config: Any, tokenizer: Any, split: str, *, process_index: int,
+               process_count: int):
+    """Preference pairs (prompt + chosen, prompt + rejected) for this process."""
+    from jaxalign.data.pipeline import build_loader
+
+    return build_loader(config, tokenizer, split, RECORD_FORMAT, process_index=process_index,
+                        process_count=process_count)
+
+
+def tokens_per_batch(batch: Mapping[str, Any]) -> int:
+    return int(batch["chosen_inputs_bt"].size + batch["rejected_inputs_bt"].size)

@@ -1,0 +1,44 @@
+"""Scalar heads on the decoder trunk: reward models (and, later, value heads)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxalign.models.transformer import Transformer, TransformerConfig, resolve_dtype
+
+
+def last_real_index(segment_ids_bt: jax.Array) -> jax.Array:
+    """Index of each row's last non-padding position (right-padded rows)."""
+    t = segment_ids_bt.shape[1]
+    pos_bt = jnp.arange(t)[None, :]
+    return jnp.max(jnp.where(segment_ids_bt != 0, pos_bt, 0), axis=1)
+
+
+class RewardModel(Transformer):
+    """The decoder trunk with a scalar head read at the last real token.
+
+    Its parameters are the trunk's (without the unembedding, which a reward
+    model never uses) plus ``reward_head`` and ``reward_bias``, so a supervised
+    checkpoint initialises the trunk key for key.
+    """
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        if hasattr(self, "unembed"):
+            del self.unembed
+        pd = resolve_dtype(cfg.param_dtype)
+        init = jax.nn.initializers.normal(stddev=1.0 / (cfg.d_model + 1) ** 0.5)
+        self.reward_head = nnx.Param(init(rngs.params(), (cfg.d_model,), pd),
+                                     logical_axes=("embed",))
+        self.reward_bias = nnx.Param(jnp.zeros((), pd), logical_axes=())
+
+    def rewards(self, tokens_bt: jax.Array, positions_bt: jax.Array,
+                segment_ids_bt: jax.Array) -> jax.Array:
+        """One float32 reward per row, from the hidden state at its last real token."""
+        h_btd = self.hidden(tokens_bt, positions_bt, segment_ids_bt)
+        last_b = last_real_index(segment_ids_bt)
+        h_bd = jnp.take_along_axis(h_btd, last_b[:, None, None], axis=1)[:, 0]
+        w_d = self.reward_head[...].astype(jnp.float32)
+        return h_bd.astype(jnp.float32) @ w_d + self.reward_bias[...].astype(jnp.float32)

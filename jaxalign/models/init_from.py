@@ -1,0 +1,253 @@
+"""Where a run's initial parameters come from: ``config.model.init_from``.
+
+* ``scratch`` — random initialisation.
+* ``hf:<dir>`` — a Hugging Face checkpoint directory (config.json + safetensors).
+* ``workdir:<DIR>`` — the latest checkpoint of an earlier jaxalign run (SFT -> DPO).
+
+The source fixes the architecture: its values for every architecture key of
+``config.model`` replace the run's own (each replaced value is logged), so a
+stage config need not restate the shape of the model it starts from. The
+numerics keys (``param_dtype``, ``dtype``, ``init_std``) stay the run's own.
+A run that has checkpoints of its own always resumes from them instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import logging
+
+from jaxalign.models import hf
+from jaxalign.models.transformer import TransformerConfig
+
+HF_PREFIX = "hf:"
+WORKDIR_PREFIX = "workdir:"
+# Fields the run keeps whatever the source says.
+RUN_KEYS = ("param_dtype", "dtype", "init_std")
+ARCH_KEYS = tuple(f.name for f in dataclasses.fields(TransformerConfig) if f.name not in RUN_KEYS)
+
+
+def parse(spec: str) -> tuple[str, str]:
+    """``"hf:/x"`` -> ``("hf", "/x")``; ``"scratch"`` -> ``("scratch", "")``.
+
+    Raises:
+      ValueError: an unknown scheme or an empty path.
+    """
+    if spec == "scratch":
+        return "scratch", ""
+    for kind, prefix in (("hf", HF_PREFIX), ("workdir", WORKDIR_PREFIX)):
+        if spec.startswith(prefix):
+            path = spec[len(prefix):]
+            if not path:
+                raise ValueError(f"model.init_from={spec!r} names no directory")
+            return kind, os.path.expanduser(path)
+    raise ValueError(f"model.init_from={spec!r}; expected 'scratch', 'hf:<dir>' or "
+                     "'workdir:<dir>'")
+
+
+def read_run_config(workdir: str) -> dict[str, Any]:
+    """The resolved config (``WORKDIR/config.json``) of an earlier run."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: model.init_from=workdir:{workdir} needs "
+                                "the directory of an earlier jaxalign run")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def source_architecture(spec: str) -> dict[str, Any]:
+    """The architecture keys that ``init_from`` dictates (empty for scratch)."""
+    kind, path = parse(spec)
+    if kind == "scratch":
+        return {}
+    if kind == "hf":
+        cfg = hf.load_config(path)
+        return {k: getattr(cfg, k) for k in ARCH_KEYS}
+    model = read_run_config(path).get("model", {})
+    # An earlier run's config may predate some keys: those keep the dataclass default.
+    base = TransformerConfig(**{k: model[k] for k in ("vocab_size", "d_model", "n_layers",
+                                                      "n_heads", "n_kv_heads", "head_dim",
+                                                      "mlp_dim")})
+    merged = TransformerConfig.from_mapping({**base.to_dict(), **model})
+    return {k: getattr(merged, k) for k in ARCH_KEYS}
+
+
+def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of ``config`` whose model architecture is the ``init_from`` source's.
+
+    Each value that changes is logged; the caller's config is not modified.
+    """
+    arch = source_architecture(config.model.init_from)
+    if not arch:
+        return config
+    out = config.copy_and_resolve_references()
+    changed = []
+    for key, value in arch.items():
+        if key not in out.model:
+            continue
+        before = out.model[key]
+        if isinstance(value, tuple):
+            value = list(value) if isinstance(before, list) else value
+        if _normalise(before) != _normalise(value):
+            changed.append(f"{key}: {before!r} -> {value!r}")
+            with out.unlocked():
+                out.model[key] = value
+    if changed:
+        logging.warning("model.init_from=%s sets the architecture; replaced config.model values: "
+                        "%s", config.model.init_from, "; ".join(changed))
+    out.lock()
+    return out
+
+
+def _normalise(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return tuple(value)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return float(value)
+    return value
+
+
+def _flat(tree: Any) -> dict[tuple[str, ...], Any]:
+    """``{("layers", "0", "attn", "q_proj"): leaf}``; keys as strings (as Orbax stores them)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        out[tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)] = leaf
+    return out
+
+
+def _subset(tree: Any, keep: set[tuple[str, ...]], prefix: tuple[str, ...] = ()) -> Any:
+    """The part of a nested dict whose leaf paths are in ``keep`` (original key types)."""
+    out = {}
+    for key, value in tree.items():
+        path = (*prefix, str(key))
+        if isinstance(value, dict):
+            sub = _subset(value, keep, path)
+            if sub:
+                out[key] = sub
+        elif path in keep:
+            out[key] = value
+    return out
+
+
+def overlay(fresh: Any, loaded: Any) -> Any:
+    """``fresh`` params with every leaf that ``loaded`` (a subset of its tree) provides replaced."""
+    if not isinstance(fresh, dict):
+        return loaded
+    return {k: overlay(v, loaded[k]) if k in loaded else v for k, v in fresh.items()}
+
+
+def _log_coverage(source: str, target: Any, loaded: Any) -> None:
+    fresh = sorted("/".join(p) for p in set(_flat(target)) - set(_flat(loaded)))
+    if fresh:
+        logging.warning("%s provides no value for %d parameter(s), which keep their fresh "
+                        "initialisation: %s", source, len(fresh), ", ".join(fresh[:8]))
+
+
+def load_params(spec: str, model_cfg: TransformerConfig, abstract_params: Any,
+                shardings: Any) -> Any | None:
+    """The initial parameters ``init_from`` names, placed on ``shardings``; None for scratch.
+
+    Only parameters the run's model has are loaded; ones the source lacks (say a
+    reward head on a supervised trunk) are missing from the result, and the caller
+    keeps their fresh initialisation (:func:`overlay`), with a logged warning.
+
+    Args:
+      spec: ``config.model.init_from``.
+      model_cfg: the run's model config (after :func:`resolve_config`).
+      abstract_params: ShapeDtypeStruct tree of the run's params.
+      shardings: the matching tree of shardings.
+    """
+    kind, path = parse(spec)
+    if kind == "scratch":
+        return None
+    if kind == "hf":
+        logging.info("loading initial parameters from the HF checkpoint %s", path)
+        loaded = hf.load_params(path, model_cfg, shardings)
+    else:
+        logging.info("loading initial parameters from the latest checkpoint of %s", path)
+        loaded = restore_workdir_params(path, abstract_params, shardings, partial=True)
+    _log_coverage(spec, abstract_params, loaded)
+    return loaded
+
+
+def restore_workdir_params(workdir: str, abstract_params: Any, shardings: Any,
+                           step: int | None = None, *, partial: bool = False) -> Any:
+    """Restores the params of a run's latest (or given) checkpoint onto ``shardings``.
+
+    Args:
+      workdir: the earlier run's directory.
+      abstract_params: ShapeDtypeStruct tree of the params to restore.
+      shardings: the matching tree of shardings.
+      step: which checkpoint; the latest by default.
+      partial: restore only the params both trees have (the rest is left out of the
+        result) instead of requiring the checkpoint to hold exactly these params.
+
+    Raises:
+      FileNotFoundError: the run has no checkpoint.
+      ValueError: a parameter's shape differs, or (unless ``partial``) is missing.
+    """
+    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory} not found: no checkpoints in {workdir}")
+    manager = ocp.CheckpointManager(directory, item_handlers={
+        "state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{directory} holds no finished checkpoint")
+        stored = _flat(dict(manager.item_metadata(step)["state"]).get("params", {}))
+        target = _flat(abstract_params)
+        where = os.path.join(directory, str(step))
+        for key, leaf in target.items():
+            if key in stored and tuple(stored[key].shape) != tuple(leaf.shape):
+                raise ValueError(f"{where}: parameter {'/'.join(key)} has shape "
+                                 f"{list(stored[key].shape)}, the model expects "
+                                 f"{list(leaf.shape)}")
+        missing = sorted("/".join(k) for k in set(target) - set(stored))
+        if missing and not partial:
+            raise ValueError(f"{where}: parameter {missing[0]} is missing "
+                             f"({len(missing)} missing)")
+        keep = set(target) & set(stored)
+        item = {"params": _subset(jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            abstract_params, shardings), keep)}
+        args = ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True)
+        restored = manager.restore(step, args=ocp.args.Composite(state=args))
+    finally:
+        manager.close()
+    return restored["state"]["params"]
+
+
+def hf_source_dir(spec: str, *, _seen: frozenset[str] = frozenset()) -> str | None:
+    """The HF directory a run's weights descend from, following ``workdir:`` chains."""
+    kind, path = parse(spec)
+    if kind == "hf":
+        return path
+    if kind == "workdir" and path not in _seen and os.path.isfile(
+            os.path.join(path, "config.json")):
+        earlier = read_run_config(path).get("model", {}).get("init_from", "scratch")
+        return hf_source_dir(earlier, _seen=_seen | {path})
+    return None
+
+
+def check_hf_tokenizer(spec: str, tokenizer_spec: str, vocab_size: int) -> None:
+    """For ``hf:<dir>``: its tokenizer must fit the embedding; warn if the run uses another."""
+    kind, path = parse(spec)
+    if kind != "hf":
+        return
+    hf.check_tokenizer_fits(path, vocab_size)
+    has_own = hf.tokenizer_vocab_size(path) is not None
+    if has_own and os.path.abspath(tokenizer_spec) != os.path.abspath(path):
+        logging.warning("model.init_from=%s ships a tokenizer but config.tokenizer=%s; the "
+                        "run tokenizes with the latter", spec, tokenizer_spec)
+

@@ -1,0 +1,90 @@
+"""Batch columns computed once by a frozen model and cached in the workdir.
+
+The precomputed DPO reference is the main user: before training, one pass over
+the exact batches the run will see (the iterator is deterministic) stores the
+reference log-probs of every pair; the train step then reads them from the
+batch instead of running a second model. The cache is keyed by the settings
+that determine its contents, so a resumed run reloads it and a changed run
+recomputes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from jaxalign import sharding as shd
+
+ColumnsFn = Callable[[Any, Mapping[str, jax.Array]], dict[str, jax.Array]]
+
+
+def _gather(tree: Any) -> dict[str, np.ndarray]:
+    if jax.process_count() > 1:
+        tree = multihost_utils.process_allgather(tree, tiled=True)
+    return {k: np.asarray(v) for k, v in jax.device_get(tree).items()}
+
+
+def _local_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    """This process's contiguous block of a global per-row column."""
+    start = jax.process_index() * rows
+    return x[start:start + rows]
+
+
+class PrecomputedColumns:
+    """Per-row columns for the train batches (cached on disk) and eval batches (in memory)."""
+
+    def __init__(self, path: str, fingerprint: Mapping[str, Any], columns_fn: Callable,
+                 mesh: Mesh, device_fields: Callable[[dict], dict]):
+        self.path = path
+        self.key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str)
+                                  .encode()).hexdigest()
+        self.columns_fn = columns_fn
+        self.mesh = mesh
+        self.device_fields = device_fields
+        self.train: dict[str, np.ndarray] | None = None
+        self.eval: list[dict[str, np.ndarray]] | None = None
+
+    def _compute(self, batches: Iterator[dict]) -> list[dict[str, np.ndarray]]:
+        return [_gather(self.columns_fn(shd.global_batch(self.device_fields(host), self.mesh)))
+                for host in batches]
+
+    def prepare_train(self, make_iterator: Callable[[], Any], steps: int) -> bool:
+        """Loads the cache or computes it over batches ``0..steps-1``; True if computed."""
+        if os.path.exists(self.path):
+            with np.load(self.path) as f:
+                if str(f["key"]) == self.key:
+                    self.train = {k: f[k] for k in f.files if k != "key"}
+                    return False
+            logging.warning("%s was computed for other settings; recomputing", self.path)
+        it = make_iterator()
+        try:
+            rows = self._compute(next(it) for _ in range(steps))
+        finally:
+            it.close()
+        self.train = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        if jax.process_index() == 0:
+            tmp = self.path + ".tmp.npz"
+            np.savez(tmp, key=np.asarray(self.key), **self.train)
+            os.replace(tmp, self.path)
+        return True
+
+    def for_train_batch(self, step: int, local_rows: int) -> dict[str, np.ndarray]:
+        return {k: _local_rows(v[step], local_rows) for k, v in self.train.items()}
+
+    def for_eval_batches(self, batches: Iterator[dict]) -> Iterator[dict]:
+        """Eval batches with their columns (computed on the first eval, then reused)."""
+        batches = list(batches)
+        if self.eval is None:
+            self.eval = self._compute(iter(batches))
+        for host, cols in zip(batches, self.eval, strict=True):
+            rows = len(next(iter(self.device_fields(host).values())))
+            yield {**host, **{k: _local_rows(v, rows) for k, v in cols.items()}}
