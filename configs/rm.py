@@ -21,35 +21,41 @@ def preference_data(config, max_len: int = 64) -> None:
     config.data.overlong = "truncate_left"
 
 
-def get_config(arg: str = "demo"):
-    config = base_config("rm")
-    config.rm = ml_collections.ConfigDict(dict(center_coef=0.0))
-    preference_data(config)
+def preference_preset(config, arg: str, *, demo_steps: int, demo_lr: float) -> None:
+    """The ``demo``/``test`` presets the pairwise stages (rm, dpo) share."""
     if arg == "demo":
         config.model = model_config("small")
         config.model.init_from = "workdir:runs/sft-demo"
-        config.train.steps = 300
+        config.train.steps = demo_steps
         config.train.batch_size = 32
-        config.train.log_every = 25
+        config.train.log_every = 20
         config.train.eval_every = 100
-        config.optim.learning_rate = 1e-3
-        config.optim.warmup_steps = 30
+        config.optim.learning_rate = demo_lr
+        config.optim.warmup_steps = demo_steps // 10
         config.checkpoint.save_every = 100
     elif arg == "test":
         config.model = model_config("tiny")
         config.data.max_len = 48
+        config.data.eval_batch_size = 16
         config.train.steps = 20
         config.train.batch_size = 16
         config.train.log_every = 5
         config.train.eval_every = 10
         config.train.eval_batches = 2
-        config.data.eval_batch_size = 16
         config.optim.learning_rate = 3e-3
         config.optim.warmup_steps = 2
         config.checkpoint.save_every = 10
         config.checkpoint.async_save = False
         config.metrics.peak_flops = 1e11
     else:
-        raise ValueError(f"unknown preset {arg!r} for configs/rm.py; known: demo, test")
+        raise ValueError(f"unknown preset {arg!r} for configs/{config.stage}.py; known: demo, "
+                         "test")
+
+
+def get_config(arg: str = "demo"):
+    config = base_config("rm")
+    config.rm = ml_collections.ConfigDict(dict(center_coef=0.0))
+    preference_data(config)
+    preference_preset(config, arg, demo_steps=300, demo_lr=1e-3)
     config.lock()
     return config

@@ -18,10 +18,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxalign import losses
+from jaxalign.algos import pairs
 from jaxalign.algos.pairs import halves, mean_pair, pair_valid, stacked
 from jaxalign.step import Batch, LossOut
 
-RECORD_FORMAT = "preference"
+# Data side of the stage protocol, shared by every pairwise stage.
+build_data = pairs.build_data
+tokens_per_batch = pairs.tokens_per_batch
 REFERENCE_FREE = ("simpo", "orpo")
 LOSS_TYPES = (*losses.DPO_LOSS_TYPES, *REFERENCE_FREE)
 
@@ -135,16 +138,3 @@ def make_loss(config: Any):
         return LossOut(terms, metrics)
 
     return loss_fn, loss_weights
-
-
-def build_data(config: Any, tokenizer: Any, split: str, *, process_index: int,
-               process_count: int):
-    """Preference pairs (prompt + chosen, prompt + rejected) for this process."""
-    from jaxalign.data.pipeline import build_loader
-
-    return build_loader(config, tokenizer, split, RECORD_FORMAT, process_index=process_index,
-                        process_count=process_count)
-
-
-def tokens_per_batch(batch: Mapping[str, Any]) -> int:
-    return int(batch["chosen_inputs_bt"].size + batch["rejected_inputs_bt"].size)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -30,3 +33,17 @@ def halves(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 def mean_pair(x_b: jax.Array, valid_b: jax.Array) -> tuple[jax.Array, jax.Array]:
     """A (sum, count) metric over real pairs."""
     return jnp.sum(x_b * valid_b), jnp.sum(valid_b)
+
+
+def build_data(config: Any, tokenizer: Any, split: str, *, process_index: int,
+               process_count: int):
+    """Preference pairs (prompt + chosen, prompt + rejected) for this process."""
+    from jaxalign.data.pipeline import build_loader
+
+    return build_loader(config, tokenizer, split, "preference", process_index=process_index,
+                        process_count=process_count)
+
+
+def tokens_per_batch(batch: Mapping[str, Any]) -> int:
+    """Positions of both sides (padding included: it costs FLOPs too)."""
+    return int(batch["chosen_inputs_bt"].size + batch["rejected_inputs_bt"].size)
