@@ -18,7 +18,8 @@ from jaxalign.optim import make_optimizer, make_schedule
 from jaxalign.train import state_layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRESETS = {"sft": ["demo", "world", "test"], "rm": ["demo", "test"], "dpo": ["demo", "test"]}
+PRESETS = {"sft": ["demo", "world", "test"], "rm": ["demo", "test"], "dpo": ["demo", "test"],
+           "kto": ["demo", "test"]}
 
 
 def _load(path):

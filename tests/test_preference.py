@@ -196,3 +196,49 @@ def test_reward_model_trains_from_sft_workdir(tmp_path):
     summary = rm_trainer.fit()
     rm_trainer.close()
     assert 0.0 <= summary["eval"]["accuracy"] <= 1.0 and np.isfinite(summary["eval"]["loss"])
+
+
+def _unpaired(rows, t=12):
+    """rows: (prompt ids, completion ids, label) -> an unpaired batch."""
+    side = _side([(p, c) for p, c, _ in rows], t)
+    side["label_b"] = np.array([float(lab) for _, _, lab in rows], np.float32)
+    return {k: jnp.asarray(v) for k, v in side.items()}
+
+
+KTO_ROWS = [([1, 5, 6], [7, 8, 2], True), ([1, 11], [12, 13, 14, 2], False),
+            ([1, 20, 21, 22], [23, 2], True), ([1, 30], [31, 2], False)]
+
+
+def test_kto_mismatched_rows_pair_prompt_i_with_completion_i_plus_1():
+    from jaxalign.algos import kto
+
+    got = jax.tree.map(np.asarray, kto.mismatched(_unpaired(KTO_ROWS)))
+    want = _side([(KTO_ROWS[i][0], KTO_ROWS[(i + 1) % 4][1]) for i in range(4)], 12)
+    for key, value in want.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+def test_kto_loss_against_independent_formula():
+    from jaxalign.algos import kto
+
+    config = _config()
+    config.kto = dict(beta=0.5, desirable_weight=1.5, undesirable_weight=0.7)
+    policy = Transformer(CFG, rngs=nnx.Rngs(params=0))
+    reference = Transformer(CFG, rngs=nnx.Rngs(params=1))
+    loss, out = _objective(config, policy, _unpaired(KTO_ROWS), {"reference": reference},
+                           stage=kto)
+
+    def seq_logp(model, prompt, completion):
+        ids = jnp.asarray([prompt + completion])
+        logp = jax.nn.log_softmax(model(ids[:, :-1]), axis=-1)[0]
+        return sum(float(logp[i - 1, ids[0, i]]) for i in range(len(prompt), ids.shape[1]))
+
+    r = np.array([seq_logp(policy, p, c) - seq_logp(reference, p, c) for p, c, _ in KTO_ROWS])
+    kl_rows = [(KTO_ROWS[i][0], KTO_ROWS[(i + 1) % 4][1]) for i in range(4)]
+    kl = max(np.mean([seq_logp(policy, p, c) - seq_logp(reference, p, c) for p, c in kl_rows]),
+             0.0)
+    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    labels = np.array([lab for _, _, lab in KTO_ROWS])
+    per = np.where(labels, 1.5 * (1 - sig(0.5 * (r - kl))), 0.7 * (1 - sig(0.5 * (kl - r))))
+    np.testing.assert_allclose(float(loss), per.mean(), rtol=1e-4)
+    np.testing.assert_allclose(float(out.metrics["kl/estimate"][0]), kl, rtol=1e-4, atol=1e-6)

@@ -18,6 +18,7 @@ STAGES = {
     "sft": "jaxalign.algos.sft",
     "rm": "jaxalign.algos.rm",
     "dpo": "jaxalign.algos.dpo",
+    "kto": "jaxalign.algos.kto",
 }
 
 

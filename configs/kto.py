@@ -1,0 +1,23 @@
+"""KTO on unpaired completions (``builtin:world`` split ``kto``: each preference pair
+split into a desirable and an undesirable example).
+
+Presets: ``demo`` (from the SFT demo's workdir) and ``test`` (tiny, seconds).
+
+    python -m launch.train --config=configs/kto.py:demo --workdir=runs/kto-demo
+"""
+
+import ml_collections
+
+from configs.rm import preference_data, preference_preset
+from jaxalign.config import base_config
+
+
+def get_config(arg: str = "demo"):
+    config = base_config("kto")
+    config.kto = ml_collections.ConfigDict(dict(beta=0.1, desirable_weight=1.0,
+                                                undesirable_weight=1.0))
+    preference_data(config)
+    config.data.train_split, config.data.eval_split = "kto", "kto_eval"
+    preference_preset(config, arg, demo_steps=200, demo_lr=5e-4)
+    config.lock()
+    return config
