@@ -25,6 +25,7 @@ refused rather than given a wrong mask.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 import re
@@ -52,7 +53,7 @@ class Piece:
     ids: tuple[int, ...] = ()
 
 
-class ChatTemplate:
+class ChatTemplate(abc.ABC):
     """Base class: subclasses implement ``pieces``; encoding is shared."""
 
     name: str = ""
@@ -60,9 +61,9 @@ class ChatTemplate:
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
 
+    @abc.abstractmethod
     def pieces(self, messages: Messages, add_generation_prompt: bool) -> list[Piece]:
         """Renders ``messages`` (optionally followed by the generation prompt)."""
-        raise NotImplementedError
 
     def render(self, messages: Messages, add_generation_prompt: bool = False) -> str:
         """The conversation as text, special tokens written out (for display and export)."""
