@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from presets import preset
 
-from configs import sft as sft_config
 from jaxalign.data.tokenizer import load_tokenizer
 from jaxalign.models import export, hf, init_from
 from jaxalign.models.transformer import Transformer, TransformerConfig
@@ -21,17 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(**overrides):
-    config = sft_config.get_config("test")
-    config.unlock()
-    for key, value in {"train.steps": 3, "train.log_every": 1, "data.eval": "",
-                       "checkpoint.save_every": 3, **overrides}.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    config.lock()
-    return config
+    return preset("sft", **{"train.steps": 3, "train.log_every": 1, "data.eval": "",
+                            "checkpoint.save_every": 3, **overrides})
 
 
 def _params(tree):

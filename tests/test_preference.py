@@ -6,6 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
+from presets import preset
 
 from jaxalign.algos import dpo, rm
 from jaxalign.models.heads import RewardModel, last_real_index
@@ -139,15 +140,7 @@ def test_unknown_loss_type_is_refused():
 
 
 def _stage_config(name, **overrides):
-    import importlib
-
-    config = importlib.import_module(f"configs.{name}").get_config("test")
-    config.unlock()
-    for key, value in overrides.items():
-        section, leaf = key.split(".")
-        config[section][leaf] = value
-    config.lock()
-    return config
+    return preset(name, **overrides)
 
 
 def test_trainer_precomputed_reference_matches_in_step(tmp_path):

@@ -11,6 +11,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from presets import preset
 
 from configs import sft as sft_config
 from jaxalign.checkpoint import MANIFEST, Checkpointer, abstract_with_shardings
@@ -119,13 +120,7 @@ def test_sigterm_checkpoints_at_step_boundary_and_resumes(tmp_path, reference):
 
 
 def _config(**overrides):
-    config = sft_config.get_config("test")
-    config.unlock()
-    for key, value in overrides.items():
-        section, leaf = key.split(".")
-        config[section][leaf] = value
-    config.lock()
-    return config
+    return preset("sft", **overrides)
 
 
 def _flip_a_byte(step_dir):

@@ -6,24 +6,15 @@ import os
 import jax
 import numpy as np
 import pytest
+from presets import preset
 
-from configs import sft as sft_config
 from jaxalign.mesh import make_mesh
 from jaxalign.metrics import read_jsonl
 from jaxalign.train import Trainer, train
 
 
 def _config(**overrides):
-    config = sft_config.get_config("test")
-    config.unlock()
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    config.lock()
-    return config
+    return preset("sft", **overrides)
 
 
 def _params(trainer):

@@ -224,12 +224,9 @@ def _jsonl_builder_class():
 
         def _split_generators(self, dl_manager):
             del dl_manager
-            return {"train": self._lines()}
+            return {"train": self._generate_examples()}
 
-        def _generate_examples(self, **kwargs):
-            raise NotImplementedError  # _split_generators yields the examples directly
-
-        def _lines(self):
+        def _generate_examples(self):
             for file_index, path in enumerate(self._files):
                 with open(path, encoding="utf-8", errors="replace") as f:
                     for line_no, line in enumerate(f, start=1):

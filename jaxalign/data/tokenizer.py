@@ -114,7 +114,37 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config
 
 
-class SentencePieceTokenizer:
+class _SpecialIds:
+    """The id and template accessors both tokenizer classes share."""
+
+    _pad: int
+    _bos: int | None
+    _eos: int
+    _specials: Mapping[str, int]
+    _chat_template: str | None
+
+    @property
+    def pad_id(self) -> int:
+        return self._pad
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._bos
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos
+
+    @property
+    def special_tokens(self) -> Mapping[str, int]:
+        return self._specials
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._chat_template
+
+
+class SentencePieceTokenizer(_SpecialIds):
     """A ``Tokenizer`` over a SentencePiece model."""
 
     def __init__(
@@ -200,26 +230,6 @@ class SentencePieceTokenizer:
     def vocab_size(self) -> int:
         return int(self._sp.get_piece_size())
 
-    @property
-    def pad_id(self) -> int:
-        return self._pad
-
-    @property
-    def bos_id(self) -> int | None:
-        return self._bos
-
-    @property
-    def eos_id(self) -> int:
-        return self._eos
-
-    @property
-    def special_tokens(self) -> Mapping[str, int]:
-        return self._specials
-
-    @property
-    def chat_template(self) -> str | None:
-        return self._chat_template
-
     def encode(self, text: str) -> list[int]:
         """Returns the ids of ``text`` without bos/eos."""
         return list(self._sp.encode(text))
@@ -249,7 +259,7 @@ class SentencePieceTokenizer:
         return f"SentencePieceTokenizer({self.name!r}, vocab_size={self.vocab_size})"
 
 
-class HFTokenizer:
+class HFTokenizer(_SpecialIds):
     """A ``Tokenizer`` over a Hugging Face ``tokenizer.json`` (the ``tokenizers`` library)."""
 
     def __init__(
@@ -325,26 +335,6 @@ class HFTokenizer:
     @property
     def vocab_size(self) -> int:
         return self._vocab_size
-
-    @property
-    def pad_id(self) -> int:
-        return self._pad
-
-    @property
-    def bos_id(self) -> int | None:
-        return self._bos
-
-    @property
-    def eos_id(self) -> int:
-        return self._eos
-
-    @property
-    def special_tokens(self) -> Mapping[str, int]:
-        return self._specials
-
-    @property
-    def chat_template(self) -> str | None:
-        return self._chat_template
 
     def encode(self, text: str) -> list[int]:
         """Returns the ids of ``text`` taken literally, without bos/eos."""
