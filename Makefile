@@ -1,8 +1,9 @@
-# Two commands: `make demo` (train the main job) and `make test` (the whole suite).
+# Two commands: `make demo` (the main job: the SFT -> RM -> DPO -> GRPO pipeline) and
+# `make test` (the whole suite). `make demo` resumes where it stopped; `make clean` starts over.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEMO_DIR ?= runs/sft-demo
+DEMO_DIR ?= runs/pipeline
 
 .PHONY: demo test lint clean
 
@@ -19,8 +20,7 @@ $(VENV)/.installed-dev: pyproject.toml | $(PY)
 	touch $@ $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	rm -rf $(DEMO_DIR)
-	$(PY) -m launch.train --config=configs/sft.py:demo --workdir=$(DEMO_DIR)
+	$(PY) -m launch.pipeline --config=configs/pipeline.py:demo --workdir=$(DEMO_DIR)
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest

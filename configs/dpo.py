@@ -11,6 +11,10 @@ Presets: ``demo`` (from the SFT demo's workdir, on the builtin world's pairs),
 
     python -m launch.train --config=configs/dpo.py:demo --workdir=runs/dpo-demo \\
         --config.dpo.loss_type=ipo
+
+Sweeps (``get_sweep``): ``beta`` and ``loss_type``, e.g.
+
+    python -m launch.sweep --config=configs/dpo.py:demo --sweep=loss_type --workdir=runs/dpo-sweep
 """
 
 import ml_collections
@@ -30,3 +34,18 @@ def get_config(arg: str = "demo"):
         config.optim.weight_decay = 0.0
     config.lock()
     return config
+
+
+def get_sweep(arg: str = "beta", preset: str = "demo") -> list[dict]:
+    """Override lists for ``launch.sweep --sweep=<arg>`` (the same for every preset).
+
+    ``beta``: the KL strength of sigmoid DPO. ``loss_type``: four objectives at
+    their usual settings (SimPO is reference-free and wants a larger beta).
+    """
+    del preset
+    if arg == "beta":
+        return [{"dpo.beta": b} for b in (0.03, 0.1, 0.3)]
+    if arg == "loss_type":
+        return [{"dpo.loss_type": "sigmoid"}, {"dpo.loss_type": "ipo"},
+                {"dpo.loss_type": "hinge"}, {"dpo.loss_type": "simpo", "dpo.beta": 2.0}]
+    raise ValueError(f"unknown sweep {arg!r} for configs/dpo.py; known: beta, loss_type")

@@ -5,7 +5,16 @@ tasks on a 2-core CPU in a few minutes), ``world`` (the same model on the builti
 world's demonstrations — tasks, refusals, benign look-alikes, multi-turn chats —
 packed into 128-position rows) and ``test`` (tiny, seconds).
 
-    python -m launch.train --config=configs/sft.py:demo --workdir=/tmp/sft
+    python -m launch.train --config=configs/sft.py:demo --workdir=runs/sft-demo
+
+LoRA instead of full fine-tuning (only the adapters train; see the README's LoRA section):
+
+    python -m launch.train --config=configs/sft.py:demo --workdir=runs/sft-lora \\
+        --config.model.lora.rank=8 --config.model.lora.alpha=16
+
+Sweeps (``get_sweep``): ``lr`` and ``batch``, e.g.
+
+    python -m launch.sweep --config=configs/sft.py:demo --sweep=lr --workdir=runs/sft-lr
 """
 
 from jaxalign.config import base_config, model_config
@@ -56,3 +65,20 @@ def get_config(arg: str = "demo"):
                          "test")
     config.lock()
     return config
+
+
+def get_sweep(arg: str = "lr", preset: str = "demo") -> list[dict]:
+    """Override lists for ``launch.sweep --sweep=<arg>``, scaled to the preset.
+
+    ``lr``: three learning rates around the preset's own (1e-2 for ``test``, 3e-3
+    for ``demo``/``world``). ``batch``: batch size with the learning rate scaled by
+    its square root.
+    """
+    if arg == "lr":
+        lrs = (3e-3, 1e-2, 3e-2) if preset == "test" else (1e-3, 3e-3, 1e-2)
+        return [{"optim.learning_rate": lr} for lr in lrs]
+    if arg == "batch":
+        bs, lr = (32, 1e-2) if preset == "test" else (64, 3e-3)
+        return [{"train.batch_size": int(bs * f), "optim.learning_rate": round(lr * f**0.5, 6)}
+                for f in (0.5, 1, 2)]
+    raise ValueError(f"unknown sweep {arg!r} for configs/sft.py; known: lr, batch")

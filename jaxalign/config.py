@@ -58,6 +58,10 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
     m.rope_high_freq_factor = 4.0
     m.rope_original_max_len = 8192
     m.max_position_embeddings = 8192
+    # LoRA adapters (see jaxalign.models.lora); rank 0 = off, i.e. full fine-tuning.
+    # targets: comma-separated projections (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,
+    # down_proj) or attention | mlp | all.
+    m.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0, targets="all"))
     m.update({k: v for k, v in RELEASED.get(preset, {}).items() if k not in MODEL_PRESETS["tiny"]})
     m.init_from = "scratch"  # scratch | hf:<dir> | workdir:<dir> (see jaxalign.models.init_from)
     return m
@@ -110,6 +114,7 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c.train.log_every = 10
     c.train.eval_every = 50
     c.train.eval_batches = 0  # 0 = the whole eval split
+    c.train.eval_at_start = False  # also evaluate the starting params (logged as step 0)
     c.train.nonfinite = "stop"  # stop | skip (the update is skipped and counted)
 
     c.optim = ml_collections.ConfigDict()
@@ -128,9 +133,18 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c.checkpoint.save_every = 50
     c.checkpoint.keep = 3
     c.checkpoint.async_save = True
+    # With LoRA: save only the trainable params (adapters, a new head) and their optimizer
+    # state; resume and export rebuild the frozen base from model.init_from.
+    c.checkpoint.adapters_only = False
 
     c.metrics = ml_collections.ConfigDict()
     c.metrics.peak_flops = 0.0  # whole-job FLOP/s for MFU; 0 = measure with a matmul probe
+    c.metrics.tensorboard = True  # event files under WORKDIR/tb/
+    # Weights & Biases (needs `pip install wandb`): on when a project is named.
+    c.metrics.wandb_project = ""
+    c.metrics.wandb_entity = ""
+    c.metrics.wandb_name = ""  # "" = the workdir's basename
+    c.metrics.wandb_mode = ""  # "" (wandb's default) | online | offline | disabled
     return c
 
 

@@ -191,3 +191,152 @@ def bradley_terry_loss(chosen_rewards_b: jax.Array, rejected_rewards_b: jax.Arra
     if center_coef:
         losses = losses + center_coef * (chosen_rewards_b + rejected_rewards_b) ** 2
     return losses
+
+
+# --- online RL: advantages, policy/value objectives, KL estimators -------------------
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def masked_whiten(x: jax.Array, mask: jax.Array, *, shift_mean: bool = True,
+                  eps: float = 1e-8) -> jax.Array:
+    """``(x − mean) / std`` over the masked entries (unbiased variance, as TRL's PPO).
+
+    With ``shift_mean=False`` the mean is added back (PPO whitens rewards that way).
+    """
+    mask = mask.astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(mask), 1.0)
+    mean = jnp.sum(x * mask) / n
+    var = jnp.sum(jnp.square(x - mean) * mask) / jnp.maximum(n - 1.0, 1.0)
+    out = (x - mean) * jax.lax.rsqrt(var + eps)
+    return out if shift_mean else out + mean
+
+
+def gae(rewards_bt: jax.Array, values_bt: jax.Array, mask_bt: jax.Array, *, gamma: float,
+        lam: float) -> tuple[jax.Array, jax.Array]:
+    """Generalised advantage estimation over right-padded token sequences.
+
+    TRL's PPO convention: the value after the last real token is 0 (the episode
+    ends there) and padded positions get zero advantage. ``returns = advantages +
+    values`` (also zero on padding).
+
+    Returns:
+      ``(advantages_bt, returns_bt)``.
+    """
+    mask_bt = mask_bt.astype(jnp.float32)
+    rewards_bt = rewards_bt.astype(jnp.float32) * mask_bt
+    values_bt = values_bt.astype(jnp.float32) * mask_bt
+    next_values_bt = jnp.concatenate([values_bt[:, 1:], jnp.zeros_like(values_bt[:, :1])], 1)
+    next_mask_bt = jnp.concatenate([mask_bt[:, 1:], jnp.zeros_like(mask_bt[:, :1])], 1)
+    deltas_bt = rewards_bt + gamma * next_values_bt * next_mask_bt - values_bt
+
+    def back(carry_b, xs):
+        delta_b, next_mask_b, mask_b = xs
+        adv_b = (delta_b + gamma * lam * next_mask_b * carry_b) * mask_b
+        return adv_b, adv_b
+
+    _, adv_tb = jax.lax.scan(back, jnp.zeros(rewards_bt.shape[0], jnp.float32),
+                             (deltas_bt.T, next_mask_bt.T, mask_bt.T), reverse=True)
+    advantages_bt = adv_tb.T
+    return advantages_bt, (advantages_bt + values_bt) * mask_bt
+
+
+def group_advantages(rewards_b: jax.Array, group_size: int, *, scale: str = "std",
+                     eps: float = 1e-4) -> jax.Array:
+    """Group-relative advantages of rows ordered prompt-major (row = prompt·G + sample).
+
+    ``scale``: ``std`` — GRPO, ``(r − mean_g) / (std_g + eps)`` with the unbiased
+    group std (as TRL); ``none`` — Dr. GRPO, ``r − mean_g``; ``rloo`` — leave-one-out
+    baseline, ``r − mean of the other G − 1`` samples.
+    """
+    r_pg = rewards_b.astype(jnp.float32).reshape(-1, group_size)
+    mean_p1 = jnp.mean(r_pg, axis=1, keepdims=True)
+    if scale == "std":
+        std_p1 = jnp.std(r_pg, axis=1, keepdims=True, ddof=1) if group_size > 1 else 0.0
+        adv_pg = (r_pg - mean_p1) / (std_p1 + eps)
+    elif scale == "none":
+        adv_pg = r_pg - mean_p1
+    elif scale == "rloo":
+        if group_size < 2:
+            raise ValueError("RLOO advantages need at least 2 samples per prompt")
+        adv_pg = (r_pg - mean_p1) * (group_size / (group_size - 1))
+    else:
+        raise ValueError(f"advantage scale {scale!r}; expected std, none or rloo")
+    return adv_pg.reshape(-1)
+
+
+def kl_penalty(logps: jax.Array, ref_logps: jax.Array, kind: str = "k3") -> jax.Array:
+    """Per-token estimate of KL(policy‖ref) from log-probs of tokens sampled by the policy.
+
+    ``k1 = log r``, ``k2 = ½ (log r)²``, ``k3 = r⁻¹ − 1 + log r`` with
+    ``r = π/π_ref`` (Schulman's estimators; k3 is GRPO's, unbiased and ≥ 0).
+    """
+    log_ratio = logps - ref_logps
+    if kind == "k1":
+        return log_ratio
+    if kind == "k2":
+        return 0.5 * jnp.square(log_ratio)
+    if kind == "k3":
+        return jnp.exp(-log_ratio) - 1.0 + log_ratio
+    raise ValueError(f"KL estimator {kind!r}; expected one of {KL_ESTIMATORS}")
+
+
+def clipped_policy_loss(logps_bt: jax.Array, old_logps_bt: jax.Array,
+                        advantages_bt: jax.Array, mask_bt: jax.Array, *, clip_low: float,
+                        clip_high: float, sequence_level: bool = False
+                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """PPO's clipped surrogate per token: ``−min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A)``.
+
+    ``clip_high > clip_low`` is DAPO's clip-higher. ``sequence_level`` (GSPO) uses
+    one ratio per sequence, ``exp(mean_t(logp − old_logp))``, for all its tokens.
+
+    Returns:
+      ``(loss_bt, ratio_bt, clipped_bt)`` — clipped is 1 where the clipped branch won.
+    """
+    mask_bt = mask_bt.astype(jnp.float32)
+    log_ratio_bt = (logps_bt - old_logps_bt) * mask_bt
+    if sequence_level:
+        seq_b = jnp.sum(log_ratio_bt, -1) / jnp.maximum(jnp.sum(mask_bt, -1), 1.0)
+        log_ratio_bt = jnp.broadcast_to(seq_b[:, None], logps_bt.shape)
+    ratio_bt = jnp.exp(log_ratio_bt)
+    unclipped_bt = ratio_bt * advantages_bt
+    clipped_bt = jnp.clip(ratio_bt, 1.0 - clip_low, 1.0 + clip_high) * advantages_bt
+    loss_bt = -jnp.minimum(unclipped_bt, clipped_bt)
+    return loss_bt, ratio_bt, (clipped_bt < unclipped_bt).astype(jnp.float32)
+
+
+def aggregate(loss_bt: jax.Array, mask_bt: jax.Array, mode: str, *,
+              max_len: int) -> tuple[jax.Array, str]:
+    """A per-token loss as a (sum, normaliser name) pair for a global-batch mean.
+
+    * ``token-mean``: every completion token of the batch weighs the same
+      (normaliser ``tokens``, DAPO);
+    * ``seq-mean-token-mean``: the mean over sequences of each sequence's token
+      mean (normaliser ``seqs``, the original GRPO);
+    * ``seq-mean-token-sum-norm``: token sums divided by a constant ``max_len``,
+      averaged over sequences (normaliser ``seqs``, Dr. GRPO) — no length bias.
+    """
+    mask_bt = mask_bt.astype(jnp.float32)
+    per_token = loss_bt * mask_bt
+    if mode == "token-mean":
+        return jnp.sum(per_token), "tokens"
+    if mode == "seq-mean-token-mean":
+        return jnp.sum(jnp.sum(per_token, -1) / jnp.maximum(jnp.sum(mask_bt, -1), 1.0)), "seqs"
+    if mode == "seq-mean-token-sum-norm":
+        return jnp.sum(per_token) / max_len, "seqs"
+    raise ValueError(f"loss aggregation {mode!r}; expected one of {AGGREGATIONS}")
+
+
+def clipped_value_loss(values_bt: jax.Array, old_values_bt: jax.Array,
+                       returns_bt: jax.Array, *, clip: float) -> jax.Array:
+    """PPO's clipped value loss per token: ``½ max((v − R)², (v_clip − R)²)``."""
+    clipped_bt = old_values_bt + jnp.clip(values_bt - old_values_bt, -clip, clip)
+    return 0.5 * jnp.maximum(jnp.square(values_bt - returns_bt),
+                             jnp.square(clipped_bt - returns_bt))
+
+
+def entropy(logits_btv: jax.Array) -> jax.Array:
+    """Entropy of each position's next-token distribution ``[b, t]`` (float32)."""
+    logp_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
+    return -jnp.sum(jnp.exp(logp_btv) * logp_btv, axis=-1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,29 +20,122 @@ def maybe_initialize_distributed() -> None:
 
     Multi-host runs set ``JAXALIGN_COORDINATOR_ADDRESS`` (host:port),
     ``JAXALIGN_NUM_PROCESSES`` and ``JAXALIGN_PROCESS_ID`` (or JAX's own
-    ``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID``). On a
-    TPU pod or under SLURM, ``JAXALIGN_DISTRIBUTED=auto`` lets JAX discover them.
-    On one host with none of these set this is a no-op.
+    ``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID``), or
+    ``JAXALIGN_DISTRIBUTED``: ``slurm`` reads SLURM's task variables (see
+    :func:`slurm_settings`), ``auto`` does so inside a SLURM step and otherwise lets
+    JAX discover the cluster (TPU pods). On one host with none of these set this is
+    a no-op.
     """
     if jax.distributed.is_initialized():
         return
-    if any(os.environ.get(k) for k in ("JAXALIGN_DISTRIBUTED", "JAXALIGN_COORDINATOR_ADDRESS",
-                                       "JAX_COORDINATOR_ADDRESS")):
-        # CPU processes need gloo for cross-process collectives; other backends ignore it.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if os.environ.get("JAXALIGN_DISTRIBUTED") == "auto":
-        jax.distributed.initialize()
-    elif os.environ.get("JAXALIGN_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize(
-            coordinator_address=os.environ["JAXALIGN_COORDINATOR_ADDRESS"],
-            num_processes=int(os.environ["JAXALIGN_NUM_PROCESSES"]),
-            process_id=int(os.environ["JAXALIGN_PROCESS_ID"]),
-        )
-    elif os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()
-    else:
+    settings = distributed_settings(os.environ)
+    if settings is None:
         return
+    # CPU processes need gloo for cross-process collectives; other backends ignore it.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**settings)
     logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+
+
+def distributed_settings(env: Mapping[str, str]) -> dict[str, Any] | None:
+    """The ``jax.distributed.initialize`` arguments the environment asks for.
+
+    Returns:
+      ``None`` when this is the only process (nothing to initialise), ``{}`` when
+      JAX should discover the cluster itself, else explicit keyword arguments.
+
+    Raises:
+      ValueError: ``JAXALIGN_DISTRIBUTED`` has an unknown value, or asks for SLURM
+        outside a SLURM job step.
+    """
+    mode = env.get("JAXALIGN_DISTRIBUTED", "")
+    if mode not in ("", "auto", "slurm"):
+        raise ValueError(f"JAXALIGN_DISTRIBUTED={mode!r}; expected auto or slurm")
+    if mode == "slurm" or (mode == "auto" and "SLURM_PROCID" in env
+                           and _slurm_step_nodelist(env)):
+        return slurm_settings(env)
+    if mode == "auto":
+        return {}
+    if env.get("JAXALIGN_COORDINATOR_ADDRESS"):
+        return dict(coordinator_address=env["JAXALIGN_COORDINATOR_ADDRESS"],
+                    num_processes=int(env["JAXALIGN_NUM_PROCESSES"]),
+                    process_id=int(env["JAXALIGN_PROCESS_ID"]))
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return {}
+    return None
+
+
+def _slurm_step_nodelist(env: Mapping[str, str]) -> str:
+    # Only srun sets the step's variables: the batch script itself (where
+    # SLURM_PROCID is 0 of all the job's tasks) must not wait for peers.
+    return env.get("SLURM_STEP_NODELIST", "")
+
+
+def slurm_settings(env: Mapping[str, str]) -> dict[str, Any] | None:
+    """``jax.distributed`` arguments for one task of an ``srun`` job step.
+
+    One process per node or one per GPU both work. The coordinator is the step's
+    first node, on ``JAXALIGN_COORDINATOR_PORT`` (default: a port derived from the
+    job id, so concurrent jobs on shared nodes differ);
+    ``JAXALIGN_COORDINATOR_ADDRESS`` overrides both. With several tasks on a node
+    that each see all of its GPUs, task ``SLURM_LOCALID`` takes GPU ``SLURM_LOCALID``;
+    a task that SLURM already bound to one GPU (``--gpus-per-task=1``) or the only
+    task on its node uses every GPU it sees.
+
+    Returns:
+      ``None`` for a one-task step, else keyword arguments for ``initialize``.
+
+    Raises:
+      ValueError: a SLURM variable is missing (not inside ``srun``).
+    """
+    nodelist = _slurm_step_nodelist(env)
+    missing = [k for k in ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_LOCALID") if k not in env]
+    if not nodelist or missing:
+        raise ValueError("JAXALIGN_DISTRIBUTED=slurm needs the variables srun sets "
+                         f"(missing: {missing or ['SLURM_STEP_NODELIST']}); launch the "
+                         "command with srun inside the allocation")
+    num_processes = int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"])
+    if num_processes == 1:
+        return None
+    port = env.get("JAXALIGN_COORDINATOR_PORT") or str(
+        61440 + int(env["SLURM_JOB_ID"]) % 4096)
+    coordinator = (env.get("JAXALIGN_COORDINATOR_ADDRESS")
+                   or f"{slurm_first_host(nodelist)}:{port}")
+    settings: dict[str, Any] = dict(coordinator_address=coordinator,
+                                    num_processes=num_processes,
+                                    process_id=int(env["SLURM_PROCID"]))
+    per_node = slurm_tasks_on_node(
+        env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "1"),
+        int(env.get("SLURM_NODEID", "0")))
+    visible = env.get("CUDA_VISIBLE_DEVICES") or env.get("ROCR_VISIBLE_DEVICES") or ""
+    bound_to_one = visible != "" and len(visible.split(",")) == 1
+    if per_node > 1 and not bound_to_one:
+        settings["local_device_ids"] = [int(env["SLURM_LOCALID"])]
+    return settings
+
+
+def slurm_first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list (``gpu[003-005,009],cpu1`` -> ``gpu003``)."""
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            end = i
+            break
+    first = nodelist[:end].strip()
+    # Each bracket group contributes its first element ("003" of "003-005,009").
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[,-]", m.group(1))[0], first)
+
+
+def slurm_tasks_on_node(tasks_per_node: str, node_id: int) -> int:
+    """Tasks on node ``node_id`` from SLURM's compressed count (``8(x2),4`` -> 8, 8, 4)."""
+    counts: list[int] = []
+    for part in tasks_per_node.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if m is None:
+            raise ValueError(f"cannot parse SLURM tasks per node {tasks_per_node!r}")
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts[min(node_id, len(counts) - 1)]
 
 
 def mesh_shape(cfg: Mapping[str, Any], num_devices: int) -> tuple[int, int, int]:

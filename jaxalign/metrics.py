@@ -1,10 +1,13 @@
-"""Metric sinks (JSONL, console progress) and throughput/MFU accounting."""
+"""Metric sinks (JSONL, TensorBoard, W&B, sample text, console progress) and throughput/MFU."""
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import os
+import socket
+import struct
 import sys
 import time
 from collections.abc import Mapping
@@ -28,8 +31,9 @@ class JsonlWriter:
     ("nan", "inf") so every line stays valid JSON.
     """
 
-    def __init__(self, workdir: str, truncate_after: int | None = None):
-        self.path = os.path.join(workdir, "metrics.jsonl")
+    def __init__(self, workdir: str, truncate_after: int | None = None,
+                 filename: str = "metrics.jsonl"):
+        self.path = os.path.join(workdir, filename)
         self._file: TextIO | None = None
         if jax.process_index() != 0:
             return
@@ -46,11 +50,15 @@ class JsonlWriter:
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
 
     def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
-        if self._file is None:
-            return
         row: dict[str, Any] = {"step": int(step), "split": split}
         for k, v in metrics.items():
             row[k] = v if math.isfinite(v) else str(v)
+        self.append(row)
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        """Writes one JSON object as a line (``row`` must carry ``step``)."""
+        if self._file is None:
+            return
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
 
@@ -71,6 +79,240 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
     """Reads a metrics file back (used by tests, plots and reports)."""
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+# -- TensorBoard event files ------------------------------------------------------
+# The format is TFRecord framing around ``tensorflow.Event`` protocol buffers. The few
+# messages needed are encoded by hand: the writer then needs neither TensorFlow nor a
+# TensorBoard package (tensorboardX would import torch whenever it is installed). The
+# tests read the files back with TensorBoard's own EventAccumulator.
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for n in range(256):
+        c = n
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def _masked_crc32c(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc = _CRC32C[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    crc ^= 0xFFFFFFFF
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited field (strings, bytes, sub-messages)."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _event(step: int, *, summary_value: bytes = b"", file_version: str = "",
+           session_start: bool = False) -> bytes:
+    """``Event{wall_time=1, step=2, file_version=3, summary=5, session_log=7}``."""
+    # int64 step as protobuf encodes it (two's complement for a negative one).
+    out = (_varint(1 << 3 | 1) + struct.pack("<d", time.time()) + _varint(2 << 3)
+           + _varint(step & 0xFFFFFFFFFFFFFFFF))
+    if file_version:
+        out += _field(3, file_version.encode())
+    if summary_value:
+        out += _field(5, _field(1, summary_value))  # Summary{repeated Value value=1}
+    if session_start:
+        out += _field(7, _varint(1 << 3) + _varint(1))  # SessionLog{status=START}
+    return out
+
+
+def _scalar_value(tag: str, value: float) -> bytes:
+    """``Summary.Value{tag=1, simple_value=2}``."""
+    return _field(1, tag.encode()) + _varint(2 << 3 | 5) + struct.pack("<f", value)
+
+
+def _text_value(tag: str, text: str) -> bytes:
+    """``Summary.Value{tag=1, tensor=8, metadata=9}``: a DT_STRING tensor for the text plugin."""
+    # TensorProto{dtype=1: DT_STRING (7), tensor_shape=2: [1], string_val=8}
+    tensor = (_varint(1 << 3) + _varint(7) + _field(2, _field(2, _varint(1 << 3) + _varint(1)))
+              + _field(8, text.encode()))
+    metadata = _field(1, _field(1, b"text"))  # SummaryMetadata{plugin_data{plugin_name}}
+    return _field(1, f"{tag}/text_summary".encode()) + _field(8, tensor) + _field(9, metadata)
+
+
+class TensorBoardWriter:
+    """Scalars and text as TensorBoard event files under ``WORKDIR/tb/`` (no TensorFlow).
+
+    Only process 0 writes. ``purge_step`` makes TensorBoard drop the points at or
+    past that step written by an earlier, interrupted run of the same workdir, so
+    a resumed run's recomputed steps replace them instead of doubling the curve.
+    """
+
+    def __init__(self, workdir: str, purge_step: int | None = None):
+        self.logdir = os.path.join(workdir, "tb")
+        self._file = None
+        if jax.process_index() != 0:
+            return
+        os.makedirs(self.logdir, exist_ok=True)
+        # TensorBoard reads a directory's files in name order. Whole seconds alone would
+        # let a run resumed within the same second reuse the name; microseconds keep
+        # the names distinct and in creation order.
+        now = time.time_ns() // 1000
+        name = (f"events.out.tfevents.{now // 10**6:010d}.{socket.gethostname()}."
+                f"{now % 10**6:06d}.{os.getpid()}")
+        self._file = open(os.path.join(self.logdir, name), "ab")  # noqa: SIM115
+        self._write(_event(0, file_version="brain.Event:2"))
+        if purge_step is not None:
+            self._write(_event(purge_step, session_start=True))
+        self.flush()
+
+    def _write(self, record: bytes) -> None:
+        header = struct.pack("<Q", len(record))
+        self._file.write(header + struct.pack("<I", _masked_crc32c(header)) + record
+                         + struct.pack("<I", _masked_crc32c(record)))
+
+    def scalars(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
+        """Writes ``metrics`` as ``<split>/<name>`` scalars at ``step``."""
+        if self._file is None:
+            return
+        for k, v in metrics.items():
+            self._write(_event(int(step), summary_value=_scalar_value(f"{split}/{k}", float(v))))
+
+    def text(self, step: int, name: str, text: str) -> None:
+        """Writes ``text`` under ``<name>/text_summary`` (TensorBoard's Text tab)."""
+        if self._file is not None:
+            self._write(_event(int(step), summary_value=_text_value(name, text)))
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _import_wandb():
+    try:
+        import wandb
+    except ImportError as e:
+        raise ImportError(
+            "config.metrics.wandb_project is set but the wandb package is not installed: "
+            "`pip install wandb`, or leave --config.metrics.wandb_project empty") from e
+    return wandb
+
+
+class WandbWriter:
+    """Weights & Biases logging, on when ``metrics.wandb_project`` is set (process 0 only).
+
+    The run id is kept in ``WORKDIR/wandb_run_id``, so a resumed workdir continues
+    the same W&B run rather than starting a new one.
+    """
+
+    def __init__(self, workdir: str, settings: Mapping[str, Any],
+                 run_config: Mapping[str, Any] | None = None):
+        self._run = None
+        self._wandb = None
+        if not settings.get("wandb_project") or jax.process_index() != 0:
+            return
+        wandb = self._wandb = _import_wandb()
+        id_path = os.path.join(workdir, "wandb_run_id")
+        if os.path.exists(id_path):
+            with open(id_path, encoding="utf-8") as f:
+                run_id = f.read().strip()
+        else:
+            run_id = wandb.util.generate_id()
+            with open(id_path, "w", encoding="utf-8") as f:
+                f.write(run_id + "\n")
+        self._run = wandb.init(
+            project=settings["wandb_project"], entity=settings.get("wandb_entity") or None,
+            name=settings.get("wandb_name") or os.path.basename(os.path.normpath(workdir)),
+            mode=settings.get("wandb_mode") or None, id=run_id, resume="allow", dir=workdir,
+            config=dict(run_config or {}))
+
+    def scalars(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
+        if self._run is not None:
+            self._run.log({f"{split}/{k}": v for k, v in metrics.items()}, step=int(step))
+
+    def text(self, step: int, name: str, text: str) -> None:
+        if self._run is not None:
+            self._run.log({name: self._wandb.Html(f"<pre>{html.escape(text)}</pre>")},
+                          step=int(step))
+
+    def close(self) -> None:
+        if self._run is not None:
+            self._run.finish()
+            self._run = None
+
+
+class MetricsWriter:
+    """Every sink of a run: ``metrics.jsonl``, TensorBoard, W&B and ``samples.jsonl``.
+
+    Train and eval rows go to all metric sinks under the same names (TensorBoard
+    and W&B prefix them with the split: ``train/loss``, ``eval/loss``). Only
+    process 0 writes anything.
+
+    Args:
+      workdir: the run directory.
+      settings: the config's ``metrics`` section (``tensorboard``, ``wandb_*``).
+      resume_step: the step a (resumed) run starts at: rows logged past it by an
+        interrupted run are dropped, as they will be logged again. ``None`` (e.g.
+        an evaluation appending to a finished run) keeps everything.
+      run_config: the resolved config, recorded by W&B.
+    """
+
+    def __init__(self, workdir: str, settings: Mapping[str, Any] | None = None, *,
+                 resume_step: int | None = None, run_config: Mapping[str, Any] | None = None):
+        settings = dict(settings or {})
+        if jax.process_index() == 0:
+            os.makedirs(workdir, exist_ok=True)
+        self.jsonl = JsonlWriter(workdir, truncate_after=resume_step)
+        self.samples = JsonlWriter(workdir, truncate_after=resume_step, filename="samples.jsonl")
+        self.tb = (TensorBoardWriter(workdir, None if resume_step is None else resume_step + 1)
+                   if settings.get("tensorboard", True) else None)
+        self.wandb = WandbWriter(workdir, settings, run_config)
+
+    @staticmethod
+    def check_sinks(settings: Mapping[str, Any]) -> None:
+        """Fails before any compute when a requested sink's package is missing."""
+        if settings.get("wandb_project"):
+            _import_wandb()
+
+    def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
+        """Logs one row of ``split`` (``train``/``eval``/...) metrics at ``step``."""
+        self.jsonl.write(step, split, metrics)
+        if self.tb is not None:
+            self.tb.scalars(step, split, metrics)
+            self.tb.flush()
+        self.wandb.scalars(step, split, metrics)
+
+    def log_text(self, step: int, name: str, text: str) -> None:
+        """Records a sample generation (TensorBoard text, W&B and ``samples.jsonl``)."""
+        self.samples.append({"step": int(step), "name": name, "text": text})
+        if self.tb is not None:
+            self.tb.text(step, name, text)
+            self.tb.flush()
+        self.wandb.text(step, name, text)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        self.samples.close()
+        if self.tb is not None:
+            self.tb.close()
+        self.wandb.close()
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -94,6 +336,7 @@ class Progress:
         width = len(str(self.total))
         parts = [f"step {step:>{width}}/{self.total}"]
         for key, fmt in (("loss", ".4f"), ("token_accuracy", ".3f"), ("grad_norm", ".3f"),
+                         ("accuracy", ".3f"), ("reward", ".3f"), ("kl", ".4f"),
                          ("learning_rate", ".2e"), ("tokens_per_s", ",.0f"), ("mfu", ".3f")):
             if key in metrics:
                 parts.append(f"{key} {metrics[key]:{fmt}}")

@@ -16,7 +16,7 @@ the global-batch mean of every term exactly, whatever the mesh or accumulation.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxalign import sharding as shd
+from jaxalign.models import lora
 
 Batch = Mapping[str, jax.Array]
 TrainState = dict[str, Any]
@@ -49,10 +50,15 @@ def combine(terms: Mapping[str, jax.Array], weights: Mapping[str, jax.Array]) ->
 
 @dataclasses.dataclass(frozen=True)
 class ModelDef:
-    """Everything needed to rebuild the NNX model from a pure params dict."""
+    """Everything needed to rebuild the NNX model from a pure params dict.
+
+    ``trainable`` is a bool tree like the params (None: all train). The step takes
+    gradients, and the optimizer keeps state, for the True leaves only (LoRA).
+    """
 
     graphdef: Any
     abstract_state: nnx.State
+    trainable: Any = None
 
     def merge(self, params: Mapping[str, Any]) -> nnx.Module:
         # tree.map rebuilds the Variables, so the abstract template is never mutated.
@@ -76,12 +82,27 @@ def split_micro_batches(batch: Batch, num_micro: int, mesh: Mesh) -> Batch:
     return jax.tree.map(split, dict(batch))
 
 
-def _objective(loss_fn: LossFn, model_def: ModelDef, frozen_defs: Mapping[str, ModelDef]):
-    def fn(params, batch, weights, frozen_params):
+def _objective(loss_fn: LossFn, model_def: ModelDef, frozen_defs: Mapping[str, ModelDef],
+               policy_frozen: Collection[str] = ()):
+    """``fn(params, batch, weights, frozen_params, fixed=None, rng=None)``.
+
+    ``params`` (differentiated) joined with ``fixed`` are the policy's params; ``rng``
+    turns on LoRA dropout. Frozen models named in ``policy_frozen`` run on the
+    policy's own params (stop-gradient) through their own definition, e.g. the
+    LoRA base with its adapters off.
+    """
+    def fn(params, batch, weights, frozen_params, fixed=None, rng=None):
+        full = lora.join(params, fixed)
         kwargs = {}
         if frozen_defs:
-            kwargs["frozen"] = {k: d.merge(frozen_params[k]) for k, d in frozen_defs.items()}
-        out = loss_fn(model_def.merge(params), batch, **kwargs)
+            kwargs["frozen"] = {
+                k: d.merge(jax.lax.stop_gradient(full) if k in policy_frozen
+                           else frozen_params[k])
+                for k, d in frozen_defs.items()}
+        model = model_def.merge(full)
+        if rng is not None:
+            lora.set_dropout_rng(model, rng)
+        out = loss_fn(model, batch, **kwargs)
         return combine(out.terms, weights), (out.terms, out.metrics)
     return fn
 
@@ -89,32 +110,43 @@ def _objective(loss_fn: LossFn, model_def: ModelDef, frozen_defs: Mapping[str, M
 def make_train_step(loss_fn: LossFn, loss_weights: WeightsFn, *, model_def: ModelDef,
                     tx: optax.GradientTransformation,
                     schedule: Callable[[jax.Array], jax.Array], num_micro: int, mesh: Mesh,
-                    rules: shd.Rules, frozen_defs: Mapping[str, ModelDef] | None = None
+                    rules: shd.Rules, frozen_defs: Mapping[str, ModelDef] | None = None,
+                    policy_frozen: Collection[str] = ()
                     ) -> Callable[..., tuple[TrainState, dict]]:
     """Builds ``train_step(state, batch, frozen=None) -> (state, metrics)`` (jit it).
 
     ``frozen`` maps names to the params of frozen models (a reference policy, a
     reward model) whose definitions are ``frozen_defs``; they reach ``loss_fn``
     as ``frozen={name: model}``, are never differentiated and never donated.
+    Those named in ``policy_frozen`` take no params of their own: they run on the
+    policy's (see ``_objective``).
+
+    Only ``model_def.trainable`` leaves get gradients and updates; ``opt_state``
+    covers those leaves only, and the others pass through bitwise unchanged.
 
     A non-finite loss, gradient or update never reaches the parameters: the update is
     skipped, counted in ``state['nonfinite_count']`` and the first offending
     step recorded, so the loop can stop (or carry on) without a poisoned state.
     """
     frozen_defs = dict(frozen_defs or {})
-    objective = _objective(loss_fn, model_def, frozen_defs)
+    objective = _objective(loss_fn, model_def, frozen_defs, policy_frozen)
     grad_fn = jax.value_and_grad(objective, has_aux=True)
 
     def train_step(state: TrainState, batch: Batch, frozen: Mapping[str, Any] | None = None):
         with shd.axis_rules(mesh, rules):
-            params = state["params"]
+            all_params = state["params"]
+            params, fixed = lora.partition(all_params, model_def.trainable)
             frozen = jax.lax.stop_gradient(dict(frozen or {}))
             weights = loss_weights(batch)
             micro = split_micro_batches(batch, num_micro, mesh)
+            # A stream of its own, so that dropout never reuses a key drawn elsewhere.
+            dropout_rng = jax.random.fold_in(state["rng"], 0x4C6F5241)
 
-            def accumulate(carry, mb):
+            def accumulate(carry, xs):
+                mb, i = xs
                 grads_acc, terms_acc, metrics_acc = carry
-                (_, (terms, metrics)), grads = grad_fn(params, mb, weights, frozen)
+                (_, (terms, metrics)), grads = grad_fn(
+                    params, mb, weights, frozen, fixed, jax.random.fold_in(dropout_rng, i))
                 grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
                 terms_acc = jax.tree.map(jnp.add, terms_acc, terms)
                 metrics_acc = jax.tree.map(jnp.add, metrics_acc, metrics)
@@ -122,12 +154,13 @@ def make_train_step(loss_fn: LossFn, loss_weights: WeightsFn, *, model_def: Mode
 
             first = jax.tree.map(lambda x: x[0], micro)
             _, (terms_shape, metrics_shape) = jax.eval_shape(objective, params, first, weights,
-                                                             frozen)
+                                                             frozen, fixed)
             zeros = lambda tree: jax.tree.map(  # noqa: E731
                 lambda s: jnp.zeros(s.shape, s.dtype), tree)
             init = (jax.tree.map(jnp.zeros_like, params), zeros(terms_shape),
                     zeros(metrics_shape))
-            (grads, terms, metric_sums), _ = jax.lax.scan(accumulate, init, micro)
+            (grads, terms, metric_sums), _ = jax.lax.scan(
+                accumulate, init, (micro, jnp.arange(num_micro)))
 
             loss = combine(terms, weights)
             grad_norm = optax.tree.norm(grads)
@@ -140,7 +173,7 @@ def make_train_step(loss_fn: LossFn, loss_weights: WeightsFn, *, model_def: Mode
                 lambda n, o: jnp.where(finite, n, o), new, old)
             step = state["step"]
             new_state = {
-                "params": keep(new_params, params),
+                "params": lora.join(keep(new_params, params), fixed),
                 "opt_state": keep(new_opt_state, state["opt_state"]),
                 "step": step + 1,
                 "rng": jax.random.fold_in(state["rng"], step),
@@ -168,14 +201,15 @@ def make_train_step(loss_fn: LossFn, loss_weights: WeightsFn, *, model_def: Mode
 
 def make_eval_step(loss_fn: LossFn, loss_weights: WeightsFn, *, model_def: ModelDef,
                    mesh: Mesh, rules: shd.Rules,
-                   frozen_defs: Mapping[str, ModelDef] | None = None
+                   frozen_defs: Mapping[str, ModelDef] | None = None,
+                   policy_frozen: Collection[str] = ()
                    ) -> Callable[..., dict[str, Any]]:
     """Builds ``eval_step(params, batch, frozen=None) -> sums`` to add up over an eval set.
 
     Returns ``{"terms": ..., "weights": ..., "metrics": {name: (sum, count)}}``;
     :func:`finish_eval` turns the totals into the eval loss and metrics.
     """
-    objective = _objective(loss_fn, model_def, dict(frozen_defs or {}))
+    objective = _objective(loss_fn, model_def, dict(frozen_defs or {}), policy_frozen)
 
     def eval_step(params, batch, frozen=None):
         with shd.axis_rules(mesh, rules):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -27,12 +28,14 @@ from jaxalign.checkpoint import Checkpointer, abstract_with_shardings
 from jaxalign.config import to_json
 from jaxalign.data.tokenizer import check_vocab, load_tokenizer
 from jaxalign.mesh import barrier, make_mesh, maybe_initialize_distributed
-from jaxalign.metrics import JsonlWriter, Progress, Throughput, peak_flops_probe, to_python
-from jaxalign.models import init_from
+from jaxalign.metrics import MetricsWriter, Progress, Throughput, peak_flops_probe, to_python
+from jaxalign.models import init_from, lora
 from jaxalign.models.transformer import Transformer, TransformerConfig
 from jaxalign.optim import make_optimizer
 from jaxalign.precompute import PrecomputedColumns
 
+# Key of an RL rollout's host state inside the checkpointed data state.
+ROLLOUT_STATE_KEY = "rollout"
 # Model fields that change parameter shapes or meaning: a checkpoint written
 # with other values cannot be resumed.
 _SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
@@ -70,6 +73,7 @@ def check_workdir_compatible(workdir: str, config: ml_collections.ConfigDict) ->
         before, now = old.get("model", {}).get(k), config.model.get(k)
         if before != now:
             diffs.append(f"model.{k}: {before!r} -> {now!r}")
+    diffs += lora.checkpoint_diffs(old, config)
     if diffs:
         raise ValueError(
             f"workdir {workdir} holds checkpoints from an incompatible config ("
@@ -89,20 +93,28 @@ def state_layout(config: ml_collections.ConfigDict, model_cfg: TransformerConfig
     def new_model():
         return model_cls(model_cfg, rngs=nnx.Rngs(params=config.seed))
 
+    graphdef, abstract_nnx = nnx.split(nnx.eval_shape(new_model), nnx.Param)
+    trainable = None  # everything trains
+    if model_cfg.lora is not None:
+        # Only the adapters train, and any head the stage adds to the plain decoder.
+        plain = nnx.eval_shape(lambda: Transformer(dataclasses.replace(model_cfg, lora=None),
+                                                   rngs=nnx.Rngs(params=0)))
+        trainable = lora.trainable_mask(nnx.to_pure_dict(abstract_nnx),
+                                        nnx.to_pure_dict(nnx.state(plain, nnx.Param)))
+
     def init_fn(params=None):
         fresh = nnx.to_pure_dict(nnx.state(new_model(), nnx.Param))
         # Loaded params win; any the source lacks (e.g. a new head) keep the fresh init.
         params = fresh if params is None else init_from.overlay(fresh, params)
         return {
             "params": params,
-            "opt_state": tx.init(params),
+            "opt_state": tx.init(lora.partition(params, trainable)[0]),
             "step": jnp.zeros((), jnp.int32),
             "rng": jax.random.PRNGKey(config.seed),
             "nonfinite_count": jnp.zeros((), jnp.int32),
             "first_nonfinite_step": jnp.full((), -1, jnp.int32),
         }
 
-    graphdef, abstract_nnx = nnx.split(nnx.eval_shape(new_model), nnx.Param)
     abstract_state = jax.eval_shape(init_fn)
     axes = shd.logical_axes_tree(abstract_nnx)
     params_sh = shd.param_shardings(abstract_state["params"], axes, mesh, rules)
@@ -113,7 +125,8 @@ def state_layout(config: ml_collections.ConfigDict, model_cfg: TransformerConfig
                                               abstract_state["params"], params_sh, mesh),
         "step": rep, "rng": rep, "nonfinite_count": rep, "first_nonfinite_step": rep,
     }
-    return step_lib.ModelDef(graphdef, abstract_nnx), abstract_state, shardings, init_fn
+    model_def = step_lib.ModelDef(graphdef, abstract_nnx, trainable)
+    return model_def, abstract_state, shardings, init_fn
 
 
 def _install_sigterm_handler(trainer: Trainer) -> Callable[[], None]:
@@ -142,12 +155,15 @@ class Trainer:
         self.mesh = mesh if mesh is not None else make_mesh(config.mesh)
         check_batch_layout(config, self.mesh)
         self.stage = algos.get_stage(config.stage)
+        # Stage options are checked before any data or model work.
+        getattr(self.stage, "check_config", lambda _: None)(config)
         # An hf:/workdir: source dictates the architecture (changed keys are logged).
         self.config = config = init_from.resolve_config(config)
         self.model_cfg = TransformerConfig.from_mapping(config.model)
         if config.train.nonfinite not in ("stop", "skip"):
             raise ValueError(f"train.nonfinite={config.train.nonfinite!r}; expected stop or skip")
         check_workdir_compatible(workdir, config)
+        MetricsWriter.check_sinks(config.metrics)
         os.makedirs(workdir, exist_ok=True)
         if jax.process_index() == 0:
             with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
@@ -172,28 +188,47 @@ class Trainer:
         self.state, self.data_state = self._init_or_restore()
         # The data position is the iterator's JSON state, saved in every checkpoint.
         self.train_iter = self.train_data.iterator()
-        if self.data_state:
-            self.train_iter.set_state(self.data_state)
+        restored_data = dict(self.data_state or {})
+        rollout_state = restored_data.pop(ROLLOUT_STATE_KEY, None)
+        if restored_data:
+            self.train_iter.set_state(restored_data)
         self.data_state = self.train_iter.get_state()
         loss_fn, loss_weights = self.stage.make_loss(config)
         # Frozen models (an in-step DPO reference) start from the run's initial params
         # and stay outside the donated state.
         names = getattr(self.stage, "frozen_models", lambda _: ())(config)
         frozen_defs = {name: self.model_def for name in names}
-        self.frozen = {name: self._initial_params() for name in names}
+        # With LoRA the reference is the frozen base itself: the policy's params with the
+        # adapters off, so it needs no copy of the weights.
+        shared = ("reference",) if self.model_cfg.lora and "reference" in names else ()
+        for name in shared:
+            frozen_defs[name] = step_lib.ModelDef(
+                lora.without_adapters(self.model_def.graphdef, self.model_def.abstract_state),
+                self.model_def.abstract_state)
+        self.frozen = {name: self._initial_params() for name in names if name not in shared}
         params_sh = self.state_shardings["params"]
-        frozen_sh = {name: params_sh for name in names}
+        frozen_sh = {name: params_sh for name in self.frozen}
         self._train_step = jax.jit(
             step_lib.make_train_step(
                 loss_fn, loss_weights, model_def=self.model_def, tx=self.tx,
                 schedule=self.schedule, num_micro=config.train.micro_batches, mesh=self.mesh,
-                rules=self.rules, frozen_defs=frozen_defs),
+                rules=self.rules, frozen_defs=frozen_defs, policy_frozen=shared),
             in_shardings=(self.state_shardings, None, frozen_sh),
             out_shardings=(self.state_shardings, None), donate_argnums=0)
         self._eval_step = jax.jit(step_lib.make_eval_step(
             loss_fn, loss_weights, model_def=self.model_def, mesh=self.mesh, rules=self.rules,
-            frozen_defs=frozen_defs), in_shardings=(params_sh, None, frozen_sh))
+            frozen_defs=frozen_defs, policy_frozen=shared),
+            in_shardings=(params_sh, None, frozen_sh))
         self.columns = self._precomputed_columns()
+        # Online RL stages turn each prompt batch into training batches (a rollout) and
+        # evaluate by generating; the loop is otherwise the same.
+        self.rollout = (self.stage.make_rollout(self) if hasattr(self.stage, "make_rollout")
+                        else None)
+        self.evaluator = (self.stage.make_evaluator(self)
+                          if hasattr(self.stage, "make_evaluator") else None)
+        self._queue: list[tuple[dict[str, Any], dict[str, float]]] = []
+        if self.rollout is not None and rollout_state is not None:
+            self.rollout.load_state(rollout_state)
 
     # -- state -----------------------------------------------------------------
 
@@ -201,6 +236,21 @@ class Trainer:
         layout = state_layout(self.config, self.model_cfg, self.tx, self.mesh, self.rules,
                               model_cls=getattr(self.stage, "make_model", Transformer))
         self.model_def, self.abstract_state, self.state_shardings, self._init_state = layout
+        lora.check_checkpoint_config(self.config)
+        if self.model_def.trainable is not None:
+            n_train, n_all = lora.count(self.abstract_state["params"], self.model_def.trainable)
+            Progress(0).line(f"LoRA rank {self.model_cfg.lora.rank}: {n_train:,} of {n_all:,} "
+                             f"params train ({100 * n_train / n_all:.2f}%)")
+
+    def _checkpointed(self, tree: dict[str, Any]) -> dict[str, Any]:
+        """The part of a state-like tree that checkpoints hold.
+
+        With ``checkpoint.adapters_only`` that is only the trainable params (plus the
+        rest of the state): the frozen base is rebuilt from ``model.init_from``.
+        """
+        if not self.config.checkpoint.adapters_only:
+            return tree
+        return {**tree, "params": lora.partition(tree["params"], self.model_def.trainable)[0]}
 
     def _precomputed_columns(self) -> PrecomputedColumns | None:
         """Columns a frozen model adds to every batch, computed once before training."""
@@ -239,7 +289,8 @@ class Trainer:
         return init() if params is None else init(params)
 
     def _init_or_restore(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        target = abstract_with_shardings(self.abstract_state, self.state_shardings)
+        target = abstract_with_shardings(self._checkpointed(self.abstract_state),
+                                         self._checkpointed(self.state_shardings))
         restored = self.checkpointer.restore_latest_intact(target)
         if restored is None:
             # Only a fresh run starts from init_from; a resumed one prefers its own checkpoint.
@@ -250,12 +301,16 @@ class Trainer:
             state = init() if params is None else init(params)
             return state, {}
         step, state, data_state = restored
+        if self.config.checkpoint.adapters_only:
+            state["params"] = init_from.overlay(self._initial_params(), state["params"])
         logging.info("resumed from step %d (%s)", step, self.checkpointer.directory)
         return state, data_state
 
     # -- loop ------------------------------------------------------------------
 
     def _eval(self) -> dict[str, float]:
+        if self.evaluator is not None:
+            return self.evaluator(self.state["params"])
         totals = None
         limit = self.config.train.eval_batches
         batches = itertools.islice(self.eval_data.eval_batches(), limit or None)
@@ -291,8 +346,9 @@ class Trainer:
         cfg = self.config.train
         start = int(jax.device_get(self.state["step"]))
         # Rows past the restored step were logged by a run that died before its next
-        # checkpoint; this run recomputes them.
-        writer = JsonlWriter(self.workdir, truncate_after=start)
+        # checkpoint; this run recomputes them. ``self.writer.log_text`` takes samples.
+        writer = self.writer = MetricsWriter(self.workdir, self.config.metrics,
+                                             resume_step=start, run_config=self.config.to_dict())
         progress = Progress(cfg.steps)
         seq_len = self.config.data.max_len
         flops_tok = self.model_cfg.flops_per_token(seq_len)
@@ -318,19 +374,30 @@ class Trainer:
         preempted = False
         restore_handler = _install_sigterm_handler(self)
         try:
+            if cfg.eval_at_start and start == 0 and self.eval_data is not None:
+                # The starting point's numbers, for before/after comparisons in one file.
+                last_eval = self._eval()
+                writer.write(0, "eval", last_eval)
+                progress.line("eval @ 0: " + ", ".join(
+                    f"{k} {v:.4f}" for k, v in sorted(last_eval.items())))
             stop = cfg.steps if num_steps is None else min(cfg.steps, start + num_steps)
             for step in range(start, stop):
-                host = next(self.train_iter)
-                if self.columns is not None:
-                    rows = len(host[next(iter(_device_fields(host)))])
-                    host = {**host, **self.columns.for_train_batch(step, rows)}
-                batch = shd.global_batch(_device_fields(host), self.mesh)
-                self.state, metrics = compiled(self.state, batch, self.frozen)
-                self.data_state = self.train_iter.get_state()
+                host_metrics: dict[str, float] = {}
+                if self.rollout is not None:
+                    host, host_metrics = self._rl_step(step, compiled)
+                    metrics = self._last_metrics
+                else:
+                    host = next(self.train_iter)
+                    if self.columns is not None:
+                        rows = len(host[next(iter(_device_fields(host)))])
+                        host = {**host, **self.columns.for_train_batch(step, rows)}
+                    batch = shd.global_batch(_device_fields(host), self.mesh)
+                    self.state, metrics = compiled(self.state, batch, self.frozen)
+                    self.data_state = self.train_iter.get_state()
                 throughput.add_tokens(self.stage.tokens_per_batch(host) * jax.process_count())
                 done = step + 1
                 if done % cfg.log_every == 0 or done == cfg.steps:
-                    last_train = to_python(metrics)
+                    last_train = to_python({**metrics, **host_metrics})
                     last_train.update(throughput.read())
                     last_train.update(self.train_iter.metrics())
                     self._check_nonfinite(last_train)
@@ -344,7 +411,11 @@ class Trainer:
                     progress.line(f"eval @ {done}: " + ", ".join(
                         f"{k} {v:.4f}" for k, v in sorted(last_eval.items())))
                     throughput.reset()
-                self.checkpointer.save(done, self.state, self.data_state)
+                if self._queue:
+                    # Mid-rollout: the rest of this rollout's batches are not in any
+                    # checkpoint, so saving (or stopping) waits for its last update.
+                    continue
+                self.checkpointer.save(done, self._checkpointed(self.state), self.data_state)
                 if self._preemption_requested(done):
                     preempted = True
                     progress.line(f"preempted at step {done}: checkpointing and exiting; rerun "
@@ -352,7 +423,8 @@ class Trainer:
                     break
             end = int(jax.device_get(self.state["step"]))
             if self.checkpointer.latest_step() != end:
-                self.checkpointer.save(end, self.state, self.data_state, force=True)
+                self.checkpointer.save(end, self._checkpointed(self.state), self.data_state,
+                                       force=True)
         finally:
             restore_handler()
             self.checkpointer.wait()
@@ -362,6 +434,33 @@ class Trainer:
             logging.warning("%d update(s) skipped for non-finite loss or gradient", skipped)
         return {"train": last_train, "eval": last_eval, "nonfinite_skipped": skipped,
                 "preempted": preempted, "wall_s": time.perf_counter() - t_start}
+
+    def _rl_step(self, step: int, compiled) -> tuple[dict[str, Any], dict[str, float]]:
+        """One update of an online RL stage; a new rollout when the last one is used up.
+
+        Returns the training batch and the rollout's host metrics plus the time split.
+        """
+        if not self._queue:
+            self._queue = self.rollout(self.state, next(self.train_iter), step)
+            # The rollout's own host state (an adaptive KL coefficient) is checkpointed
+            # with the data position, so a resumed run continues it exactly.
+            self.data_state = {**self.train_iter.get_state(),
+                               ROLLOUT_STATE_KEY: self.rollout.state()}
+        batch, host_metrics = self._queue.pop(0)
+        t0 = time.perf_counter()
+        self.state, self._last_metrics = compiled(self.state, batch, self.frozen)
+        # RL steps are sequential anyway (the next rollout needs these params): waiting
+        # here costs nothing and makes the time split honest.
+        jax.block_until_ready(self._last_metrics)
+        t_update = time.perf_counter() - t0
+        host_metrics = dict(host_metrics)
+        host_metrics["time/update_s"] = t_update
+        total = sum(host_metrics.get(f"time/{k}_s", 0.0)
+                    for k in ("rollout", "reward", "logprobs", "update", "handoff"))
+        for k in ("rollout", "reward", "logprobs", "update", "handoff"):
+            host_metrics[f"time_frac/{k}"] = host_metrics.get(f"time/{k}_s", 0.0) / max(
+                total, 1e-9)
+        return batch, host_metrics
 
     def _preemption_requested(self, step: int) -> bool:
         if self._sigterm:
@@ -390,6 +489,8 @@ class Trainer:
         return compiled
 
     def _batch_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        if self.rollout is not None:
+            return self.rollout.batch_spec()
         spec = dict(self.train_data.batch_spec())
         if self.columns is not None:
             rows = next(iter(spec.values()))[0][0]
@@ -409,6 +510,10 @@ def _device_fields(host: dict[str, Any]) -> dict[str, np.ndarray]:
 def train(config: ml_collections.ConfigDict, workdir: str,
           mesh: Mesh | None = None) -> dict[str, Any]:
     """Trains ``config.stage`` in ``workdir`` (resuming if it holds checkpoints)."""
+    stage = algos.get_stage(config.stage)
+    if hasattr(stage, "run"):
+        # A stage that drives other stages (rejection sampling's rounds) runs itself.
+        return stage.run(config, workdir, mesh=mesh)
     trainer = Trainer(config, workdir, mesh=mesh)
     try:
         return trainer.fit()

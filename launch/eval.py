@@ -1,45 +1,66 @@
-"""Evaluate a run: ``python -m launch.eval --workdir=DIR [--source=builtin:tasks --split=eval]``.
+"""Evaluate a checkpoint, optionally against a baseline, with regression gates.
 
-Prints greedy pass@1 on the verifiable records of the source (records with an
-``answer``) and writes it to ``DIR/eval_report.json``.
+    python -m launch.eval --workdir=DIR [--hf=DIR] [--config=configs/evals.py:<preset>]
+        [--baseline=<workdir or hf:DIR>] [--reference=<checkpoint>] [--rm=<RM workdir>]
+        [--out=DIR] [--gate=metric:direction:tolerance ...] [--config.<key>=<value> ...]
+
+Runs the evals the config lists (default ``configs/evals.py:default``) and writes
+``report.json``, ``report.md`` and ``samples/<candidate|baseline>/<eval>.jsonl`` to
+``--out`` (default ``DIR/eval``). With ``--baseline`` both checkpoints are evaluated
+and shown side by side; a gate that the candidate fails is printed and the command
+exits with status 1.
 """
 
-import json
 import os
+import sys
 
 from absl import app, flags, logging
-from flax import nnx
+from ml_collections import config_flags
 
-from jaxalign.data.chat import get_template
-from jaxalign.data.sources import load_records
-from jaxalign.data.tokenizer import load_tokenizer
-from jaxalign.evals import task_accuracy
-from jaxalign.models import init_from
-from jaxalign.models.export import restore_params
-from jaxalign.models.transformer import Transformer, TransformerConfig
+from jaxalign import eval_report
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to evaluate.")
-_SOURCE = flags.DEFINE_string("source", "builtin:tasks", "Records with prompt and answer.")
-_SPLIT = flags.DEFINE_string("split", "eval", "Split of the source.")
-flags.mark_flags_as_required(["workdir"])
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "configs", "evals.py") + ":default"
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG,
+                                          "Evals config file[:preset].", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to evaluate (its latest "
+                               "checkpoint).")
+_HF = flags.DEFINE_string("hf", None, "Hugging Face checkpoint directory to evaluate instead.")
+_BASELINE = flags.DEFINE_string("baseline", "", "Checkpoint to compare with: a workdir, "
+                                "workdir:DIR or hf:DIR.")
+_REFERENCE = flags.DEFINE_string("reference", None, "Reference checkpoint for KL and implicit "
+                                 "rewards (overrides config.reference; '' = none).")
+_RM = flags.DEFINE_string("rm", "", "Reward-model workdir for reward evals and win rates "
+                          "(overrides config.rewards).")
+_OUT = flags.DEFINE_string("out", None, "Output directory (default: <checkpoint>/eval).")
+_GATE = flags.DEFINE_multi_string("gate", [], "Extra gate metric:direction[:tolerance"
+                                  "[:threshold]], added to the config's.")
 
 
 def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)
-    run = init_from.read_run_config(_WORKDIR.value)
-    cfg = TransformerConfig.from_mapping(run["model"])
-    model = Transformer(cfg, rngs=nnx.Rngs(0))
-    params = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(params, restore_params(_WORKDIR.value, cfg))
-    nnx.update(model, params)
-    tokenizer = load_tokenizer(run["tokenizer"])
-    template = get_template(run["data"].get("chat_template", "auto"), tokenizer)
-    records = [r for r in load_records(_SOURCE.value, _SPLIT.value) if r.get("answer")]
-    report = task_accuracy(model, tokenizer, template, records)
-    with open(os.path.join(_WORKDIR.value, "eval_report.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-    print(json.dumps(report, indent=2))
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if (_WORKDIR.value is None) == (_HF.value is None):
+        raise app.UsageError("give exactly one of --workdir and --hf")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    candidate = _WORKDIR.value or f"hf:{_HF.value}"
+    out = _OUT.value or os.path.join(_WORKDIR.value or _HF.value, "eval")
+    report = eval_report.evaluate(_CONFIG.value.to_dict(), candidate, baseline=_BASELINE.value,
+                                  reference=_REFERENCE.value, rm=_RM.value, out_dir=out,
+                                  extra_gates=_GATE.value)
+    print(eval_report.render_markdown(report))
+    print(f"wrote {os.path.join(out, 'report.json')} and report.md")
+    failed = [g for g in report["gates"] if g["status"] == "fail"]
+    for g in failed:
+        print(f"GATE FAILED: {g['metric']} ({g['direction']} is better, tolerance "
+              f"{g['tolerance']:g}): {g['reason']}", file=sys.stderr)
+    for h in report["reward_hacking"]:
+        if h["flagged"]:
+            print(f"REWARD HACKING: {h['learned']} rose by {h['learned_delta']:.4g} while "
+                  f"{h['verifiable']} fell by {-h['verifiable_delta']:.4g}", file=sys.stderr)
+    if not report["passed"]:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

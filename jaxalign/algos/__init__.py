@@ -6,7 +6,10 @@ A stage module provides ``make_loss(config) -> (loss_fn, loss_weights)`` (see
 ``build_data(config, tokenizer, split, *, process_index, process_count)`` (usually
 ``jaxalign.data.pipeline.build_loader`` with the stage's record format: a ``Loader``
 with ``iterator()``, ``eval_batches()`` and ``batch_spec()``) and
-``tokens_per_batch(batch)``. Adding a stage is a module plus a line here.
+``tokens_per_batch(batch)``. A stage that drives other stages instead (rejection
+sampling's rounds) provides ``run(config, workdir, mesh=None) -> summary``, which
+``jaxalign.train.train`` calls in place of the loop. Adding a stage is a module plus a
+line here.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ STAGES = {
     "rm": "jaxalign.algos.rm",
     "dpo": "jaxalign.algos.dpo",
     "kto": "jaxalign.algos.kto",
+    "grpo": "jaxalign.algos.grpo",
+    "ppo": "jaxalign.algos.ppo",
+    "rejection": "jaxalign.algos.rejection",
 }
 
 

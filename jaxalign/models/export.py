@@ -3,11 +3,14 @@
 Reads ``WORKDIR/config.json`` (the resolved config the trainer wrote) and the
 parameters of the run's latest checkpoint, and writes what
 ``transformers.AutoModelForCausalLM.from_pretrained`` loads (see
-:func:`jaxalign.models.hf.save_pretrained`).
+:func:`jaxalign.models.hf.save_pretrained`). A LoRA run is exported merged: its
+adapters are folded into the base weights (an adapters-only run's base is
+rebuilt from its ``init_from`` first), so the result is a plain checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -19,12 +22,16 @@ from jaxalign.models.transformer import TransformerConfig
 
 
 def restore_params(workdir: str, cfg: TransformerConfig, step: int | None = None):
-    """The params of a run's latest (or given) checkpoint, restored into host (CPU) memory."""
-    _, abstract = hf.abstract_model(cfg)
+    """The params of a run's latest (or given) checkpoint, restored into host (CPU) memory.
+
+    LoRA adapters come back merged into the base weights: the result is the
+    params of ``cfg`` without its adapters (``dataclasses.replace(cfg, lora=None)``).
+    """
+    _, abstract = hf.abstract_model(dataclasses.replace(cfg, lora=None))
     abstract_params = nnx.to_pure_dict(abstract)
     on_host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     shardings = jax.tree.map(lambda _: on_host, abstract_params)
-    return init_from.restore_workdir_params(workdir, abstract_params, shardings, step)
+    return init_from.restore_merged_params(workdir, abstract_params, shardings, step)
 
 
 def export_workdir(workdir: str, out: str, *, dtype: str | None = None, step: int | None = None,
@@ -49,6 +56,7 @@ def export_workdir(workdir: str, out: str, *, dtype: str | None = None, step: in
     run = init_from.read_run_config(workdir)
     cfg = TransformerConfig.from_mapping(run.get("model", {}))
     params = restore_params(workdir, cfg, step)
+    cfg = dataclasses.replace(cfg, lora=None)
     source = init_from.hf_source_dir(run.get("model", {}).get("init_from", "scratch"))
     if source is not None and not os.path.isfile(os.path.join(source, "config.json")):
         logging.warning("the run started from %s, which is gone: token ids and generation "

@@ -42,3 +42,32 @@ class RewardModel(Transformer):
         h_bd = jnp.take_along_axis(h_btd, last_b[:, None, None], axis=1)[:, 0]
         w_d = self.reward_head[...].astype(jnp.float32)
         return h_bd.astype(jnp.float32) @ w_d + self.reward_bias[...].astype(jnp.float32)
+
+
+class PolicyWithValue(Transformer):
+    """The decoder with a scalar value head on the shared trunk (PPO's critic).
+
+    ``model(tokens_bt, ...)`` is the policy's logits as usual; ``policy_and_values``
+    returns the logits and per-position values from one trunk pass. The head's
+    params (``value_head``, ``value_bias``) are the only ones a policy checkpoint
+    lacks, so an SFT run initialises everything else; exports and later stages
+    ignore them.
+    """
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        pd = resolve_dtype(cfg.param_dtype)
+        # Zero init: the critic starts by predicting 0 everywhere, not noise.
+        self.value_head = nnx.Param(jnp.zeros((cfg.d_model,), pd), logical_axes=("embed",))
+        self.value_bias = nnx.Param(jnp.zeros((), pd), logical_axes=())
+
+    def values(self, h_btd: jax.Array) -> jax.Array:
+        """Float32 value of each position's state ``[b, t]`` from final hidden states."""
+        w_d = self.value_head[...].astype(jnp.float32)
+        return h_btd.astype(jnp.float32) @ w_d + self.value_bias[...].astype(jnp.float32)
+
+    def policy_and_values(self, tokens_bt: jax.Array, positions_bt: jax.Array,
+                          segment_ids_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(logits_btv, values_bt)`` from one pass over the trunk."""
+        h_btd = self.hidden(tokens_bt, positions_bt, segment_ids_bt)
+        return self.logits(h_btd), self.values(h_btd)

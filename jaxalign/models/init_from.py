@@ -3,6 +3,10 @@
 * ``scratch`` — random initialisation.
 * ``hf:<dir>`` — a Hugging Face checkpoint directory (config.json + safetensors).
 * ``workdir:<DIR>`` — the latest checkpoint of an earlier jaxalign run (SFT -> DPO).
+  A LoRA run's adapters are merged into its base weights on the way in, so a
+  LoRA run on top starts fresh adapters from (and uses as its reference) the
+  earlier run's adapted model. An adapters-only run's base is rebuilt from its
+  own ``init_from``.
 
 The source fixes the architecture: its values for every architecture key of
 ``config.model`` replace the run's own (each replaced value is logged), so a
@@ -22,14 +26,15 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
+from flax import nnx
 
-from jaxalign.models import hf
-from jaxalign.models.transformer import TransformerConfig
+from jaxalign.models import hf, lora
+from jaxalign.models.transformer import Transformer, TransformerConfig
 
 HF_PREFIX = "hf:"
 WORKDIR_PREFIX = "workdir:"
-# Fields the run keeps whatever the source says.
-RUN_KEYS = ("param_dtype", "dtype", "init_std")
+# Fields the run keeps whatever the source says (a source's LoRA adapters are merged).
+RUN_KEYS = ("param_dtype", "dtype", "init_std", "lora")
 ARCH_KEYS = tuple(f.name for f in dataclasses.fields(TransformerConfig) if f.name not in RUN_KEYS)
 
 
@@ -145,7 +150,9 @@ def overlay(fresh: Any, loaded: Any) -> Any:
 
 
 def _log_coverage(source: str, target: Any, loaded: Any) -> None:
-    fresh = sorted("/".join(p) for p in set(_flat(target)) - set(_flat(loaded)))
+    # Fresh LoRA adapters are expected: no source provides them.
+    fresh = sorted("/".join(p) for p in set(_flat(target)) - set(_flat(loaded))
+                   if not lora.is_adapter_path(p))
     if fresh:
         logging.warning("%s provides no value for %d parameter(s), which keep their fresh "
                         "initialisation: %s", source, len(fresh), ", ".join(fresh[:8]))
@@ -173,9 +180,45 @@ def load_params(spec: str, model_cfg: TransformerConfig, abstract_params: Any,
         loaded = hf.load_params(path, model_cfg, shardings)
     else:
         logging.info("loading initial parameters from the latest checkpoint of %s", path)
-        loaded = restore_workdir_params(path, abstract_params, shardings, partial=True)
+        loaded = restore_merged_params(path, lora.strip(abstract_params), lora.strip(shardings),
+                                       partial=True)
     _log_coverage(spec, abstract_params, loaded)
     return loaded
+
+
+def run_model_config(run: dict[str, Any]) -> TransformerConfig:
+    """The model config (LoRA included) of an earlier run's ``config.json``."""
+    return TransformerConfig.from_mapping(run.get("model", {}))
+
+
+def restore_merged_params(workdir: str, abstract_params: Any, shardings: Any,
+                          step: int | None = None, *, partial: bool = False) -> Any:
+    """A run's params with its LoRA adapters (if any) merged into the base weights.
+
+    Args:
+      workdir: the earlier run's directory.
+      abstract_params: ShapeDtypeStruct tree of the params wanted, without adapters.
+      shardings: the matching tree of shardings (the adapters are read replicated).
+      step: which checkpoint; the latest by default.
+      partial: as in :func:`restore_workdir_params`.
+    """
+    cfg = run_model_config(read_run_config(workdir))
+    if cfg.lora is None:
+        return restore_workdir_params(workdir, abstract_params, shardings, step, partial=partial)
+    source = nnx.to_pure_dict(hf.abstract_model(cfg)[1])
+    adapters, _ = lora.partition(source, lora.adapter_mask(source))
+    some = jax.tree.leaves(shardings)[0]
+    replicated = (jax.sharding.NamedSharding(some.mesh, jax.sharding.PartitionSpec())
+                  if isinstance(some, jax.sharding.NamedSharding) else some)
+    params = restore_workdir_params(
+        workdir, lora.join(abstract_params, adapters),
+        lora.join(shardings, jax.tree.map(lambda _: replicated, adapters)), step,
+        partial=partial)
+    adapters, base = lora.partition(params, lora.adapter_mask(params))
+    out_sh = jax.tree.map(lambda x: x.sharding, base)
+    # The base buffers are donated: the merged weights take their place in memory.
+    return jax.jit(lambda b, a: lora.merge_params(lora.join(b, a), cfg.lora),
+                   out_shardings=out_sh, donate_argnums=0)(base, adapters)
 
 
 def restore_workdir_params(workdir: str, abstract_params: Any, shardings: Any,
@@ -189,6 +232,9 @@ def restore_workdir_params(workdir: str, abstract_params: Any, shardings: Any,
       step: which checkpoint; the latest by default.
       partial: restore only the params both trees have (the rest is left out of the
         result) instead of requiring the checkpoint to hold exactly these params.
+
+    The checkpoints of a ``checkpoint.adapters_only`` run hold no base weights:
+    those come from the run's own ``init_from`` (its fresh init for ``scratch``).
 
     Raises:
       FileNotFoundError: the run has no checkpoint.
@@ -211,7 +257,10 @@ def restore_workdir_params(workdir: str, abstract_params: Any, shardings: Any,
                 raise ValueError(f"{where}: parameter {'/'.join(key)} has shape "
                                  f"{list(stored[key].shape)}, the model expects "
                                  f"{list(leaf.shape)}")
-        missing = sorted("/".join(k) for k in set(target) - set(stored))
+        absent = set(target) - set(stored)
+        run = read_run_config(workdir) if absent else {}
+        rebuild = absent if run.get("checkpoint", {}).get("adapters_only") else set()
+        missing = sorted("/".join(k) for k in absent - rebuild)
         if missing and not partial:
             raise ValueError(f"{where}: parameter {missing[0]} is missing "
                              f"({len(missing)} missing)")
@@ -225,7 +274,36 @@ def restore_workdir_params(workdir: str, abstract_params: Any, shardings: Any,
         restored = manager.restore(step, args=ocp.args.Composite(state=args))
     finally:
         manager.close()
-    return restored["state"]["params"]
+    params = restored["state"]["params"]
+    if rebuild:
+        base = _rebuild_base(run, _subset(abstract_params, rebuild), _subset(shardings, rebuild))
+        missing = sorted("/".join(k) for k in rebuild - set(_flat(base)))
+        if missing and not partial:
+            raise ValueError(f"{where}: parameter {missing[0]} is neither in the adapters-only "
+                             f"checkpoint nor in the run's base ({len(missing)} missing)")
+        params = lora.join(params, base)
+    return params
+
+
+def _rebuild_base(run: dict[str, Any], abstract_params: Any, shardings: Any) -> Any:
+    """The params an adapters-only run did not save: its ``init_from``, else its fresh init."""
+    cfg = run_model_config(run)
+    spec = run.get("model", {}).get("init_from", "scratch")
+    logging.info("adapters-only checkpoint: rebuilding the base weights from %s", spec)
+    loaded = load_params(spec, cfg, abstract_params, shardings) or {}
+    rest = set(_flat(abstract_params)) - set(_flat(loaded))
+    if not rest:
+        return loaded
+    seed = int(run.get("seed", 0))
+
+    def init():
+        # The trainer's fresh init: same model, same seed (adapters draw from a side key).
+        model = Transformer(cfg, rngs=nnx.Rngs(params=seed))
+        return _subset(nnx.to_pure_dict(nnx.state(model, nnx.Param)), rest)
+
+    have = set(_flat(jax.eval_shape(init)))
+    fresh = jax.jit(init, out_shardings=_subset(shardings, have))()
+    return lora.join(loaded, fresh)
 
 
 def hf_source_dir(spec: str, *, _seen: frozenset[str] = frozenset()) -> str | None:

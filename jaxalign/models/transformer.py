@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxalign.models import lora as lora_lib
 from jaxalign.sharding import constrain
 
 _DTYPES = {
@@ -91,6 +92,9 @@ class TransformerConfig:
     rope_original_max_len: int = 8192
     # Context length the model was trained for (metadata carried into exports).
     max_position_embeddings: int = 8192
+    # Low-rank adapters (config.model.lora; rank 0 = None = off). Not an HF field:
+    # exports merge the adapters into the base weights (jaxalign.models.lora).
+    lora: lora_lib.LoraConfig | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
@@ -112,6 +116,7 @@ class TransformerConfig:
                                  f"{list(allowed)}")
         # Configs may hand over a list (JSON, ConfigDict); the dataclass must stay hashable.
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        object.__setattr__(self, "lora", lora_lib.LoraConfig.from_value(self.lora))
         if self.layer_types:
             if len(self.layer_types) != self.n_layers:
                 raise ValueError(f"model.layer_types has {len(self.layer_types)} entries but "
@@ -263,6 +268,34 @@ def _softcap(x: jax.Array, cap: float) -> jax.Array:
     return x if cap <= 0 else cap * jnp.tanh(x / cap)
 
 
+class LayerCache(NamedTuple):
+    """One layer's key/value cache: keys and values after RoPE (and k-norm), per slot."""
+
+    k_bskh: jax.Array
+    v_bskh: jax.Array
+
+
+KV_CACHE_AXES = ("act_batch", "act_seq", "act_kv_heads", None)
+
+
+def cache_attention_mask(valid_bs: jax.Array, cache_index: jax.Array | int, t: int,
+                         sliding_window: int = 0) -> jax.Array:
+    """``[b, 1, t, s]`` mask of queries in cache slots ``cache_index + [0, t)`` over all slots.
+
+    A query sees the valid slots at or before its own (within the window), and
+    always itself, as :func:`attention_mask` does. Real tokens fill consecutive
+    slots (prompts are left-padded), so slot distance equals position distance.
+    """
+    s = valid_bs.shape[1]
+    q_slot_t1 = cache_index + jnp.arange(t)[:, None]
+    k_slot_1s = jnp.arange(s)[None, :]
+    seen_ts = k_slot_1s <= q_slot_t1
+    if sliding_window > 0:
+        seen_ts = seen_ts & (q_slot_t1 - k_slot_1s < sliding_window)
+    mask_bts = (valid_bs[:, None, :] & seen_ts[None]) | (k_slot_1s == q_slot_t1)[None]
+    return mask_bts[:, None]
+
+
 class Attention(nnx.Module):
     """Grouped-query attention with RoPE, optional q/k/v bias, q/k-norm, soft-capping."""
 
@@ -276,6 +309,7 @@ class Attention(nnx.Module):
         self.k_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, pd)
         self.v_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, pd)
         self.o_proj = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), std, pd)
+        lora_lib.attach(self, cfg.lora, rngs, lora_lib.ATTENTION)
         if cfg.qkv_bias:
             self.q_bias = _zeros((n, h), ("heads", "head_dim"), pd)
             self.k_bias = _zeros((k, h), ("kv_heads", "head_dim"), pd)
@@ -286,12 +320,21 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(h, **norm)
             self.k_norm = RMSNorm(h, **norm)
 
-    def __call__(self, x_btd, positions_bt, mask_b1ts):
+    def __call__(self, x_btd, positions_bt, mask_b1ts, cache: LayerCache | None = None,
+                 cache_index: jax.Array | int = 0):
+        """Attention output ``[b, t, d]``; with ``cache``, also the updated cache.
+
+        With a cache, the new keys/values are written at slots ``cache_index ...``
+        and the queries attend over every slot; ``mask_b1ts`` is then ``[b, 1, t, s]``.
+        """
         cfg = self.cfg
         dt = resolve_dtype(cfg.dtype)
         q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, self.q_proj[...].astype(dt))
         k_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.k_proj[...].astype(dt))
         v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.v_proj[...].astype(dt))
+        q_btnh = lora_lib.apply(self, "q_proj", x_btd, q_btnh)
+        k_btkh = lora_lib.apply(self, "k_proj", x_btd, k_btkh)
+        v_btkh = lora_lib.apply(self, "v_proj", x_btd, v_btkh)
         if cfg.qkv_bias:
             q_btnh = q_btnh + self.q_bias[...].astype(dt)
             k_btkh = k_btkh + self.k_bias[...].astype(dt)
@@ -301,6 +344,13 @@ class Attention(nnx.Module):
         inv_freq = cfg.rope_inv_freq(self.layer_type)
         q_btnh = rope(q_btnh, positions_bt, inv_freq)
         k_btkh = rope(k_btkh, positions_bt, inv_freq)
+        if cache is not None:
+            # From here on the keys/values span the cache's s slots, not the t new tokens.
+            cache = LayerCache(*(
+                constrain(jax.lax.dynamic_update_slice_in_dim(
+                    c_bskh, x_btkh.astype(c_bskh.dtype), cache_index, axis=1), KV_CACHE_AXES)
+                for c_bskh, x_btkh in ((cache.k_bskh, k_btkh), (cache.v_bskh, v_btkh))))
+            k_btkh, v_btkh = cache.k_bskh.astype(dt), cache.v_bskh.astype(dt)
         q_btnh = constrain(q_btnh, ("act_batch", "act_seq", "act_heads", None))
         b, t, n, h = q_btnh.shape
         g = n // cfg.n_kv_heads
@@ -314,7 +364,8 @@ class Attention(nnx.Module):
         out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_btkh)
         out_btnh = out_btkgh.reshape(b, t, n, h)
         out_btd = jnp.einsum("btnh,nhd->btd", out_btnh, self.o_proj[...].astype(dt))
-        return out_btd
+        out_btd = lora_lib.apply(self, "o_proj", out_btnh, out_btd)
+        return out_btd if cache is None else (out_btd, cache)
 
 
 _ACTIVATIONS = {
@@ -334,14 +385,15 @@ class MLP(nnx.Module):
         self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), std, pd)
         self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), std, pd)
         self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), std, pd)
+        lora_lib.attach(self, cfg.lora, rngs, lora_lib.MLP)
 
     def __call__(self, x_btd):
         dt = resolve_dtype(self.cfg.dtype)
         act = _ACTIVATIONS[self.cfg.mlp_activation]
-        gate_btf = x_btd @ self.gate_proj[...].astype(dt)
-        up_btf = x_btd @ self.up_proj[...].astype(dt)
+        gate_btf = lora_lib.apply(self, "gate_proj", x_btd, x_btd @ self.gate_proj[...].astype(dt))
+        up_btf = lora_lib.apply(self, "up_proj", x_btd, x_btd @ self.up_proj[...].astype(dt))
         h_btf = constrain(act(gate_btf) * up_btf, ("act_batch", "act_seq", "act_mlp"))
-        return h_btf @ self.down_proj[...].astype(dt)
+        return lora_lib.apply(self, "down_proj", h_btf, h_btf @ self.down_proj[...].astype(dt))
 
 
 class Block(nnx.Module):
@@ -364,8 +416,13 @@ class Block(nnx.Module):
             self.post_mlp_norm = RMSNorm(cfg.d_model, **norm)
         self.post_norms = cfg.post_norms
 
-    def __call__(self, x_btd, positions_bt, mask_b1ts):
-        attn_btd = self.attn(self.attn_norm(x_btd), positions_bt, mask_b1ts)
+    def __call__(self, x_btd, positions_bt, mask_b1ts, cache: LayerCache | None = None,
+                 cache_index: jax.Array | int = 0):
+        if cache is None:
+            attn_btd = self.attn(self.attn_norm(x_btd), positions_bt, mask_b1ts)
+        else:
+            attn_btd, cache = self.attn(self.attn_norm(x_btd), positions_bt, mask_b1ts,
+                                        cache, cache_index)
         if self.post_norms:
             attn_btd = self.post_attn_norm(attn_btd)
         x_btd = x_btd + attn_btd
@@ -373,7 +430,8 @@ class Block(nnx.Module):
         if self.post_norms:
             mlp_btd = self.post_mlp_norm(mlp_btd)
         x_btd = x_btd + mlp_btd
-        return constrain(x_btd, ("act_batch", "act_seq", "act_embed"))
+        x_btd = constrain(x_btd, ("act_batch", "act_seq", "act_embed"))
+        return x_btd if cache is None else (x_btd, cache)
 
 
 class Transformer(nnx.Module):
@@ -401,6 +459,17 @@ class Transformer(nnx.Module):
             positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids_bt is None:
             segment_ids_bt = jnp.ones((b, t), jnp.int32)
+        x_btd = self.embed_tokens(tokens_bt)
+        masks = {"full": attention_mask(segment_ids_bt)}
+        if "sliding" in cfg.layer_types:
+            masks["sliding"] = attention_mask(segment_ids_bt, cfg.sliding_window)
+        for block in self.layers:
+            x_btd = block(x_btd, positions_bt, masks[block.layer_type])
+        return self.final_norm(x_btd)
+
+    def embed_tokens(self, tokens_bt: jax.Array) -> jax.Array:
+        """Input embeddings ``[b, t, d]`` in the compute dtype."""
+        cfg = self.cfg
         dt = resolve_dtype(cfg.dtype)
         # Gather from a whole table: a gather from a vocab/embed-sharded table
         # forces XLA into a full rematerialisation of its output anyway.
@@ -409,13 +478,46 @@ class Transformer(nnx.Module):
         if cfg.scale_embeddings:
             # Rounded to the compute dtype first, as the reference implementation does.
             x_btd = x_btd * jnp.asarray(cfg.d_model ** 0.5, dt)
-        x_btd = constrain(x_btd, ("act_batch", "act_seq", "act_embed"))
-        masks = {"full": attention_mask(segment_ids_bt)}
+        return constrain(x_btd, ("act_batch", "act_seq", "act_embed"))
+
+    def init_cache(self, batch: int, max_len: int) -> tuple[LayerCache, ...]:
+        """A zeroed key/value cache of ``max_len`` slots per row, one entry per layer."""
+        cfg = self.cfg
+        shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        zeros = lambda: constrain(jnp.zeros(shape, resolve_dtype(cfg.dtype)),  # noqa: E731
+                                  KV_CACHE_AXES)
+        return tuple(LayerCache(zeros(), zeros()) for _ in self.layers)
+
+    def hidden_cached(self, tokens_bt: jax.Array, positions_bt: jax.Array,
+                      cache: tuple[LayerCache, ...], cache_index: jax.Array | int,
+                      valid_bs: jax.Array) -> tuple[jax.Array, tuple[LayerCache, ...]]:
+        """Final-norm hidden states of tokens placed in cache slots ``cache_index ...``.
+
+        Used for prefill (all prompt slots at once) and decode (one slot per step).
+        Keys and values of ``tokens_bt`` are written into ``cache``; ``valid_bs``
+        (bool ``[b, s]``) marks slots holding real tokens — left padding is
+        False. Returns the hidden states and the updated cache.
+        """
+        cfg = self.cfg
+        t = tokens_bt.shape[1]
+        x_btd = self.embed_tokens(tokens_bt)
+        masks = {"full": cache_attention_mask(valid_bs, cache_index, t)}
         if "sliding" in cfg.layer_types:
-            masks["sliding"] = attention_mask(segment_ids_bt, cfg.sliding_window)
-        for block in self.layers:
-            x_btd = block(x_btd, positions_bt, masks[block.layer_type])
-        return self.final_norm(x_btd)
+            masks["sliding"] = cache_attention_mask(valid_bs, cache_index, t,
+                                                    cfg.sliding_window)
+        new_cache = []
+        for block, layer_cache in zip(self.layers, cache, strict=True):
+            x_btd, layer_cache = block(x_btd, positions_bt, masks[block.layer_type],
+                                       layer_cache, cache_index)
+            new_cache.append(layer_cache)
+        return self.final_norm(x_btd), tuple(new_cache)
+
+    def decode(self, tokens_bt: jax.Array, positions_bt: jax.Array,
+               cache: tuple[LayerCache, ...], cache_index: jax.Array | int,
+               valid_bs: jax.Array) -> tuple[jax.Array, tuple[LayerCache, ...]]:
+        """Logits of tokens decoded against a KV cache (see :meth:`hidden_cached`)."""
+        h_btd, cache = self.hidden_cached(tokens_bt, positions_bt, cache, cache_index, valid_bs)
+        return self.logits(h_btd), cache
 
     def logits(self, h_btd: jax.Array) -> jax.Array:
         """Projects hidden states to float32 vocabulary logits (soft-capped if configured)."""

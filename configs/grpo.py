@@ -1,0 +1,80 @@
+"""The GRPO family (GRPO, Dr. GRPO, DAPO, GSPO, RLOO) with verifiable rewards.
+
+Each step samples ``rl.num_samples`` completions per prompt with the policy being
+trained, scores them with ``rl.rewards`` and updates on group-relative advantages.
+Variants (see ``jaxalign.algos.grpo``)::
+
+    Dr. GRPO: --config.grpo.advantage=none --config.grpo.loss_agg=seq-mean-token-sum-norm
+    DAPO:     --config.grpo.clip_high=0.28 --config.grpo.loss_agg=token-mean \\
+              --config.grpo.dynamic_sampling=True --config.rl.rewards=exact_answer,overlong_penalty
+    GSPO:     --config.grpo.importance=sequence
+    RLOO:     --config.grpo.advantage=rloo
+
+Presets: ``demo`` (from the SFT world preset's workdir ``runs/sft-world``, on the
+builtin world's RL prompts, exact-answer and refusal rewards; evaluates greedy
+answers on held-out prompts) and ``test`` (tiny, seconds).
+
+    python -m launch.train --config=configs/grpo.py:demo --workdir=runs/grpo-demo
+"""
+
+import ml_collections
+
+from jaxalign.algos.rollout import rl_config
+from jaxalign.config import base_config, model_config
+
+
+def get_config(arg: str = "demo"):
+    config = base_config("grpo")
+    config.rl = rl_config()
+    config.grpo = ml_collections.ConfigDict(dict(
+        advantage="std",          # std (GRPO) | none (Dr. GRPO) | rloo
+        loss_agg="seq-mean-token-mean",  # | token-mean (DAPO) | seq-mean-token-sum-norm
+        clip_low=0.2, clip_high=0.2,     # clip_high > clip_low: DAPO's clip-higher
+        importance="token",       # token | sequence (GSPO)
+        dynamic_sampling=False,   # zero-variance groups carry no weight
+        entropy_metric=True,
+    ))
+    config.data.train = config.data.eval = "builtin:world"
+    config.data.train_split = "rl"
+    config.data.eval_split = "eval"
+    config.data.overlong = "truncate_left"
+    config.optim.weight_decay = 0.0
+    config.optim.schedule = "constant"
+    if arg == "demo":
+        config.model = model_config("small")
+        config.model.init_from = "workdir:runs/sft-world"
+        config.data.max_len = config.data.max_prompt_len = 32
+        config.data.eval_batch_size = 64
+        # Exact answers, plus refusing exactly the requests that must be refused.
+        config.rl.rewards = "exact_answer,refusal_correct:0.5"
+        config.rl.num_samples = 8
+        config.rl.max_new_tokens = 8
+        config.train.steps = 100
+        config.train.batch_size = 128
+        config.train.log_every = 10
+        config.train.eval_every = 25
+        config.train.eval_at_start = True
+        config.optim.learning_rate = 1e-4
+        config.optim.warmup_steps = 5
+        config.checkpoint.save_every = 25
+    elif arg == "test":
+        config.model = model_config("tiny")
+        config.data.max_len = config.data.max_prompt_len = 24
+        config.data.eval_batch_size = 16
+        config.rl.num_samples = 4
+        config.rl.max_new_tokens = 6
+        config.rl.rewards = "stopped,length_penalty:0.5"
+        config.train.steps = 6
+        config.train.batch_size = 16
+        config.train.log_every = 2
+        config.train.eval_every = 3
+        config.train.eval_batches = 1
+        config.optim.learning_rate = 1e-3
+        config.optim.warmup_steps = 1
+        config.checkpoint.save_every = 3
+        config.checkpoint.async_save = False
+        config.metrics.peak_flops = 1e11
+    else:
+        raise ValueError(f"unknown preset {arg!r} for configs/grpo.py; known: demo, test")
+    config.lock()
+    return config

@@ -1,0 +1,67 @@
+"""The main job: SFT -> RM -> DPO -> GRPO on the builtin world, with eval gates.
+
+Each stage starts from the one before it (the RM and DPO from the SFT model, GRPO
+from the DPO policy); after each policy stage the evals below run once, its gates
+compare it with the stage it started from, and the final table (``ROOT/report.md``)
+shows task accuracy, preference accuracy, reward-model reward, KL to the SFT
+model, refusal of must-refuse requests (incl. red-team rephrasings) and
+over-refusal, one column per policy stage. Re-running resumes.
+
+Presets: ``demo`` (``make demo``, minutes on a 2-core CPU) and ``test`` (tiny).
+
+    python -m launch.pipeline --config=configs/pipeline.py:demo --workdir=runs/pipeline
+"""
+
+import ml_collections
+
+from configs.evals import get_config as evals_config
+
+REPORT_METRICS = ("task/pass@1", "preference/accuracy", "reward/mean", "kl/mean",
+                  "safety/refusal_rate", "redteam/refusal_rate", "safety/over_refusal_rate",
+                  "heldout/loss")
+
+
+def _stage(name, config, init_from="", overrides=(), gates=()):
+    return dict(name=name, config=config, init_from=init_from, overrides=list(overrides),
+                gates=list(gates))
+
+
+def get_config(arg: str = "demo"):
+    c = ml_collections.ConfigDict()
+    c.reference = "sft"      # KL and implicit preference rewards are measured against it
+    c.reward_model = "rm"    # the RM stage scores replies for reward/mean
+    c.report_metrics = list(REPORT_METRICS)
+    if arg == "demo":
+        c.stages = [
+            _stage("sft", "configs/sft.py:world"),
+            _stage("rm", "configs/rm.py:demo", init_from="sft"),
+            _stage("dpo", "configs/dpo.py:demo", init_from="sft", gates=[
+                dict(metric="preference/accuracy", direction="higher", tolerance=0.0),
+                dict(metric="task/pass@1", direction="higher", tolerance=0.02)]),
+            _stage("grpo", "configs/grpo.py:demo", init_from="dpo",
+                   gates=[dict(metric="task/pass@1", direction="higher", tolerance=0.02)]),
+        ]
+        evals = evals_config("default")
+        evals.unlock()
+        for name, limit in (("task", 240), ("preference", 200), ("safety", 0),
+                            ("redteam", 0), ("kl", 64), ("reward", 120), ("heldout", 256)):
+            evals.evals[name].limit = limit
+        evals.evals.task.num_samples = 4
+        evals.evals.task.k = 4
+        evals.evals.reward.win_rate = False
+    elif arg == "test":
+        tiny = ["model.init_from=scratch", "train.steps=4", "train.eval_every=100",
+                "checkpoint.save_every=2"]
+        c.stages = [
+            _stage("sft", "configs/sft.py:test", overrides=["train.steps=6"]),
+            _stage("rm", "configs/rm.py:test", init_from="sft", overrides=tiny[1:]),
+            _stage("dpo", "configs/dpo.py:test", init_from="sft", overrides=tiny[1:],
+                   gates=[dict(metric="task/pass@1", direction="higher", tolerance=1.0)]),
+            _stage("grpo", "configs/grpo.py:test", init_from="dpo", overrides=tiny[1:]),
+        ]
+        evals = evals_config("test")
+    else:
+        raise ValueError(f"unknown preset {arg!r} for configs/pipeline.py; known: demo, test")
+    c.evals = evals
+    c.lock()
+    return c

@@ -1,0 +1,143 @@
+"""The GRPO family: group-relative policy optimisation on sampled completions.
+
+Each rollout samples ``rl.num_samples`` (G) completions per prompt with the
+policy being trained, scores them (``rl.rewards``) and gives each completion the
+advantage of its reward within its group. Variants are settings of ``config.grpo``
+and ``config.rl``:
+
+* GRPO: ``advantage=std``, ``loss_agg=seq-mean-token-mean``, symmetric clip;
+* Dr. GRPO: ``advantage=none``, ``loss_agg=seq-mean-token-sum-norm``;
+* DAPO: ``clip_high`` > ``clip_low`` (clip-higher), ``loss_agg=token-mean``,
+  ``dynamic_sampling`` (zero-variance groups carry no weight) and the
+  ``overlong_penalty`` reward;
+* GSPO: ``importance=sequence`` (one length-normalised ratio per sequence);
+* RLOO: ``advantage=rloo`` (leave-one-out baseline).
+
+``rl.kl_coef`` > 0 adds a per-token KL penalty (``rl.kl_estimator`` k1/k2/k3)
+against the frozen initial policy; 0 drops the reference model altogether.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxalign import losses
+from jaxalign.algos import rollout as rollout_lib
+from jaxalign.algos.rollout import mean_metric
+from jaxalign.step import Batch, LossOut
+
+build_data = rollout_lib.build_data
+ADVANTAGES = ("std", "none", "rloo")
+IMPORTANCE = ("token", "sequence")
+
+
+def tokens_per_batch(batch: Mapping[str, Any]) -> int:
+    """Positions of the training forward (prompt and completion, padding included)."""
+    return int(batch["inputs_bt"].size)
+
+
+def check_config(config: Any) -> None:
+    """Stops before any compute on an unknown variant or impossible settings."""
+    rollout_lib.check_config(config)
+    g = config.grpo
+    if g.advantage not in ADVANTAGES:
+        raise ValueError(f"grpo.advantage={g.advantage!r}; expected one of {list(ADVANTAGES)}")
+    if g.importance not in IMPORTANCE:
+        raise ValueError(f"grpo.importance={g.importance!r}; expected one of "
+                         f"{list(IMPORTANCE)}")
+    if g.loss_agg not in losses.AGGREGATIONS:
+        raise ValueError(f"grpo.loss_agg={g.loss_agg!r}; expected one of "
+                         f"{list(losses.AGGREGATIONS)}")
+    if g.clip_low < 0 or g.clip_high < 0:
+        raise ValueError("grpo.clip_low and grpo.clip_high must be >= 0")
+    if g.advantage == "rloo" and config.rl.num_samples < 2:
+        raise ValueError("grpo.advantage=rloo needs rl.num_samples >= 2")
+
+
+def group_advantages(rewards_b: np.ndarray, weight_b: np.ndarray, config: Any
+                     ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Per-row advantages (and weights: dynamic sampling zeroes flat groups) + metrics."""
+    g = config.rl.num_samples
+    adv_b = np.asarray(losses.group_advantages(jnp.asarray(rewards_b), g,
+                                               scale=config.grpo.advantage))
+    r_pg = rewards_b.reshape(-1, g)
+    real_p = weight_b.reshape(-1, g)[:, 0] > 0
+    flat_p = np.ptp(r_pg, axis=1) == 0
+    weight_b = weight_b.copy()
+    if config.grpo.dynamic_sampling:
+        weight_b = np.where(np.repeat(flat_p, g), 0.0, weight_b).astype(np.float32)
+    metrics = {
+        "reward/std_within_group": float(r_pg[real_p].std(axis=1, ddof=0).mean())
+        if real_p.any() else 0.0,
+        "groups/flat_fraction": float(flat_p[real_p].mean()) if real_p.any() else 0.0,
+    }
+    return {"advantages_b": adv_b.astype(np.float32), "weight_b": weight_b}, metrics
+
+
+def loss_weights(batch: Batch) -> dict[str, jax.Array]:
+    """Normalisers over the global batch: weighted completion tokens and sequences."""
+    w_b = batch["weight_b"]
+    return {"tokens": jnp.sum(batch["loss_mask_bt"] * w_b[:, None]), "seqs": jnp.sum(w_b)}
+
+
+def make_loss(config: Any):
+    """``(loss_fn, loss_weights)`` for ``config.grpo`` / ``config.rl``."""
+    check_config(config)
+    g, rl = config.grpo, config.rl
+    kl_coef, temperature = float(rl.kl_coef), float(rl.temperature)
+
+    def loss_fn(model: nnx.Module, batch: Batch) -> LossOut:
+        logits_btv = rollout_lib.tempered(
+            model(batch["inputs_bt"], batch["positions_bt"], batch["segment_ids_bt"]),
+            temperature)
+        logps_bt = losses.token_logps(logits_btv, batch["targets_bt"])
+        mask_bt = batch["loss_mask_bt"] * batch["weight_b"][:, None]
+        # One update per rollout: the rollout policy is the current one (ratio 1, but
+        # the gradient of the ratio is the policy gradient).
+        old_bt = batch.get("old_logps_bt", jax.lax.stop_gradient(logps_bt))
+        adv_bt = jnp.broadcast_to(batch["advantages_b"][:, None], logps_bt.shape)
+        pg_bt, ratio_bt, clipped_bt = losses.clipped_policy_loss(
+            logps_bt, old_bt, adv_bt, mask_bt, clip_low=g.clip_low, clip_high=g.clip_high,
+            sequence_level=g.importance == "sequence")
+        per_token_bt = pg_bt
+        metrics: dict[str, tuple[jax.Array, jax.Array]] = {
+            "policy/ratio": mean_metric(ratio_bt, mask_bt),
+            "policy/clip_fraction": mean_metric(clipped_bt, mask_bt),
+            "policy/logp": mean_metric(logps_bt, mask_bt),
+        }
+        metrics.update(rollout_lib.consistency_metric(logps_bt, batch, mask_bt))
+        if kl_coef > 0:
+            kl_bt = losses.kl_penalty(logps_bt, batch["ref_logps_bt"], rl.kl_estimator)
+            per_token_bt = per_token_bt + kl_coef * kl_bt
+            metrics["kl"] = mean_metric(jax.lax.stop_gradient(kl_bt), mask_bt)
+        if g.entropy_metric:
+            metrics["policy/entropy"] = mean_metric(
+                losses.entropy(jax.lax.stop_gradient(logits_btv)), mask_bt)
+        total, norm = losses.aggregate(per_token_bt, mask_bt, g.loss_agg,
+                                       max_len=rl.max_new_tokens)
+        return LossOut({norm: total}, metrics)
+
+    return loss_fn, loss_weights
+
+
+def make_rollout(trainer: Any) -> rollout_lib.Rollout:
+    """The run's rollout: sample, score, group-relative advantages."""
+    config = trainer.config
+
+    def advantages(batch, rewards_b):
+        return group_advantages(rewards_b, batch["weight_b"], config)
+
+    return rollout_lib.Rollout(trainer, advantages)
+
+
+def make_evaluator(trainer: Any):
+    """Greedy answers on the eval prompts: task accuracy, rewards, refusal rates."""
+    from jaxalign.evals import make_prompt_evaluator
+
+    return make_prompt_evaluator(trainer)

@@ -1,0 +1,334 @@
+"""Rollouts shared by the online RL stages: sample, score, lay out a training batch.
+
+One rollout turns a batch of prompts into ``epochs × minibatches`` training batches:
+
+1. the sampler (``jaxalign.sampling``) generates ``G`` completions per prompt with the
+   trainer's own params — no weight copy, so the hand-off costs nothing;
+2. completions are decoded and scored by ``jaxalign.rewards`` (host side);
+3. one jitted log-prob pass adds the frozen reference's token log-probs (when the
+   KL coefficient is positive) and the rollout policy's (when the batch is reused
+   for more than one update), and the stage adds its advantages;
+4. rows are shuffled into minibatches, once per epoch.
+
+Sequences are laid out by ``sampling.completion_batch`` as ``[left-padded prompt |
+completion | padding]``; position ``t`` of ``inputs_bt`` predicts ``targets_bt[t]``,
+and ``loss_mask_bt`` marks the targets that are generated tokens (the stop token
+included). Log-probs are those of the sampling distribution (logits / temperature).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxalign import losses, rewards
+from jaxalign import sharding as shd
+
+SEQ_KEYS = ("inputs_bt", "targets_bt", "positions_bt", "segment_ids_bt", "loss_mask_bt")
+
+
+def prompts_per_rollout(config: Any) -> int:
+    """Prompts one rollout samples: ``minibatches × batch_size / num_samples``."""
+    rl = config.rl
+    rows = config.train.batch_size * rl.minibatches
+    if rl.num_samples < 1 or config.train.batch_size % rl.num_samples:
+        raise ValueError(f"train.batch_size={config.train.batch_size} must be a multiple of "
+                         f"rl.num_samples={rl.num_samples} (whole groups per update)")
+    return rows // rl.num_samples
+
+
+def build_data(config: Any, tokenizer: Any, split: str, *, process_index: int,
+               process_count: int):
+    """Prompt batches: ``prompts_per_rollout`` rows for training, the eval batch size else."""
+    from jaxalign.data.pipeline import DataSettings, Loader
+
+    rows = prompts_per_rollout(config) if split == "train" else config.data.eval_batch_size
+    settings = DataSettings.from_config(config.data, split, "prompt", rows)
+    return Loader(settings, tokenizer, process_index=process_index, process_count=process_count)
+
+
+def check_config(config: Any) -> None:
+    """Stops before any compute on impossible RL settings."""
+    rl = config.rl
+    for name in ("num_samples", "max_new_tokens", "epochs", "minibatches"):
+        if rl[name] < 1:
+            raise ValueError(f"rl.{name}={rl[name]} must be at least 1")
+    if rl.temperature < 0:
+        raise ValueError(f"rl.temperature={rl.temperature} must be >= 0 (0 = greedy)")
+    if rl.kl_coef < 0:
+        raise ValueError(f"rl.kl_coef={rl.kl_coef} must be >= 0 (0 drops the reference)")
+    if rl.kl_estimator not in losses.KL_ESTIMATORS:
+        raise ValueError(f"rl.kl_estimator={rl.kl_estimator!r}; expected one of "
+                         f"{list(losses.KL_ESTIMATORS)}")
+    prompts_per_rollout(config)
+    rewards.check_spec(rl.rewards)
+
+
+@dataclasses.dataclass
+class Rollout:
+    """Samples, scores and lays out one RL batch; built once per run by an RL stage.
+
+    ``advantages(host, rewards_b, groups)`` is the stage's hook: it receives the host
+    batch (with the log-prob columns) and returns the extra columns (advantages,
+    returns, ...) and host metrics.
+    """
+
+    trainer: Any
+    advantages: Callable[[dict[str, np.ndarray], np.ndarray], tuple[dict, dict]]
+    value_fn: Callable[..., jax.Array] | None = None
+
+    def __post_init__(self):
+        from jaxalign import sampling
+
+        t = self.trainer
+        if jax.process_count() > 1:
+            raise NotImplementedError("RL stages run in one process for now (any number of "
+                                      "devices); multi-process rollouts are not supported yet")
+        config = t.config
+        check_config(config)
+        rl = config.rl
+        self.rl = rl
+        self.tokenizer = t.tokenizer
+        self.eos_id, self.pad_id = t.tokenizer.eos_id, t.tokenizer.pad_id or 0
+        self.sampling = sampling.SamplingConfig(
+            max_new_tokens=rl.max_new_tokens, temperature=float(rl.temperature),
+            top_k=rl.top_k, top_p=float(rl.top_p), stop_tokens=(self.eos_id,),
+            num_samples=rl.num_samples, pad_id=self.pad_id)
+        self.sampler = sampling.make_sampler(t.model_def, self.sampling, mesh=t.mesh,
+                                             rules=t.rules)
+        self.scorer = rewards.Rewards(rl.rewards, options=rl.to_dict(), mesh=t.mesh,
+                                      rules=t.rules, eos_id=self.eos_id, pad_id=self.pad_id)
+        self.reuse = rl.epochs * rl.minibatches > 1
+        model_def, mesh, rules = t.model_def, t.mesh, t.rules
+        # The KL reference is the initial policy. With LoRA that is the policy's own
+        # params with the adapters off: no second copy of the weights.
+        self.shared_reference = rl.kl_coef > 0 and t.model_cfg.lora is not None
+        ref_def = model_def
+        if self.shared_reference:
+            from jaxalign.models import lora
+            from jaxalign.step import ModelDef
+
+            ref_def = ModelDef(lora.without_adapters(model_def.graphdef,
+                                                     model_def.abstract_state),
+                               model_def.abstract_state)
+        self.reference = (t._initial_params() if rl.kl_coef > 0 and not self.shared_reference
+                          else None)
+        value_fn, temp = self.value_fn, float(rl.temperature)
+
+        def logprob_pass(params, ref_params, seq):
+            out = {}
+            with shd.axis_rules(mesh, rules):
+                if ref_params is not None:
+                    out["ref_logps_bt"] = token_logps(ref_def.merge(ref_params), seq, temp)
+                if self.reuse:
+                    out["old_logps_bt"] = token_logps(model_def.merge(params), seq, temp)
+                if value_fn is not None:
+                    # The critic's values are needed for GAE even with one update.
+                    out["old_values_bt"] = value_fn(model_def.merge(params), seq)
+            return out
+
+        self._logprob_pass = jax.jit(logprob_pass)
+        self._key = jax.random.PRNGKey(config.seed + 1)
+
+    @property
+    def has_reference(self) -> bool:
+        return self.reference is not None or self.shared_reference
+
+    def state(self) -> dict[str, Any]:
+        """Host-side state to checkpoint with the data position (e.g. an adaptive KL)."""
+        return dict(getattr(self, "host_state", {}))
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        self.host_state = dict(state)
+
+    def batch_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Shapes of one training batch (for ahead-of-time compilation)."""
+        rows = self.trainer.config.train.batch_size
+        width = self.trainer.config.data.max_prompt_len or self.trainer.config.data.max_len
+        t = width + self.rl.max_new_tokens
+        spec = {k: ((rows, t), np.dtype(np.float32 if k == "loss_mask_bt" else np.int32))
+                for k in SEQ_KEYS}
+        spec["sampler_logps_bt"] = ((rows, t), np.dtype(np.float32))
+        spec["weight_b"] = spec["stopped_b"] = ((rows,), np.dtype(np.float32))
+        spec.update(self._extra_spec(rows, t))
+        return spec
+
+    def _extra_spec(self, rows: int, t: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        # The stage's columns are found by running its hook on a dummy batch once.
+        if not hasattr(self, "_extra_shapes"):
+            dummy = {k: np.zeros((rows, t), np.float32) for k in SEQ_KEYS}
+            dummy["weight_b"] = np.ones((rows,), np.float32)
+            dummy["stopped_b"] = np.ones((rows,), np.float32)
+            for k in ("ref_logps_bt", "old_logps_bt", "old_values_bt", "sampler_logps_bt"):
+                dummy[k] = np.zeros((rows, t), np.float32)
+            saved = self.state()
+            cols, _ = self.advantages(dummy, np.zeros(rows, np.float32))
+            self.load_state(saved)  # the dry run must not move host state
+            self._extra_shapes = {k: (v.shape, v.dtype) for k, v in cols.items()}
+        spec = dict(self._extra_shapes)
+        if self.has_reference:
+            spec["ref_logps_bt"] = ((rows, t), np.dtype(np.float32))
+        if self.reuse:
+            spec["old_logps_bt"] = ((rows, t), np.dtype(np.float32))
+        if self.value_fn is not None:
+            spec["old_values_bt"] = ((rows, t), np.dtype(np.float32))
+        return spec
+
+    def __call__(self, state: Mapping[str, Any], host: Mapping[str, Any], step: int
+                 ) -> list[tuple[dict[str, jax.Array], dict[str, float]]]:
+        """The training batches (and host metrics) of one rollout started at ``step``."""
+        from jaxalign import sampling
+
+        t = self.trainer
+        mesh, g = t.mesh, self.rl.num_samples
+        t0 = time.perf_counter()
+        prompts = prompt_arrays(host, mesh)
+        out = self.sampler(state["params"], *prompts, jax.random.fold_in(self._key, step))
+        out = jax.device_get(out)
+        t1 = time.perf_counter()
+
+        prompt_tokens = np.repeat(host["prompt_tokens_bt"], g, axis=0)
+        prompt_mask = np.repeat(host["prompt_mask_bt"], g, axis=0)
+        records = [e for e in host["extras"] for _ in range(g)]
+        tokens_bn = np.asarray(out.tokens_bn)
+        lengths = np.asarray(out.lengths_b)
+        completion_ids = [list(tokens_bn[i, :lengths[i]]) for i in range(len(lengths))]
+        texts = [self.tokenizer.decode([x for x in ids if x != self.eos_id])
+                 for ids in completion_ids]
+        prompt_ids = [list(prompt_tokens[i][prompt_mask[i] > 0]) for i in range(len(lengths))]
+        real_b = np.asarray([bool(r) for r in records])
+        ctx = rewards.RewardContext(
+            lengths=lengths, stopped=np.asarray(out.stopped_b),
+            max_new_tokens=self.rl.max_new_tokens, prompt_ids=prompt_ids,
+            completion_ids=completion_ids, options=self.rl.to_dict())
+        # Padding prompts (empty records) are scored as 0 and carry no weight.
+        safe = [r if r else {"answer": "", "kind": "task"} for r in records]
+        reward_b, parts = self.scorer(texts, safe, ctx)
+        reward_b = np.where(real_b, reward_b, 0.0).astype(np.float32)
+        t2 = time.perf_counter()
+
+        seq = jax.device_get(sampling.completion_batch(
+            host["prompt_tokens_bt"], host["prompt_mask_bt"], out, g))
+        batch = {"inputs_bt": seq["tokens_bt"], "targets_bt": seq["targets_bt"],
+                 "positions_bt": seq["positions_bt"], "segment_ids_bt": seq["segment_ids_bt"],
+                 "loss_mask_bt": seq["completion_mask_bt"],
+                 "sampler_logps_bt": seq["sample_logps_bt"]}
+        batch = {k: np.asarray(v) for k, v in batch.items()}
+        batch["weight_b"] = real_b.astype(np.float32)
+        batch["stopped_b"] = np.asarray(out.stopped_b, np.float32)
+        if self.has_reference or self.reuse or self.value_fn is not None:
+            seq = shd.global_batch({k: batch[k] for k in SEQ_KEYS}, mesh)
+            ref = state["params"] if self.shared_reference else self.reference
+            cols = jax.device_get(self._logprob_pass(state["params"], ref, seq))
+            batch.update({k: np.asarray(v) for k, v in cols.items()})
+        t3 = time.perf_counter()
+        extra, metrics = self.advantages(batch, reward_b)
+        batch.update(extra)
+
+        real = max(int(real_b.sum()), 1)
+        metrics.update({
+            "reward/mean": float(reward_b[real_b].mean()) if real_b.any() else 0.0,
+            "completion/length": float(lengths[real_b].mean()) if real_b.any() else 0.0,
+            "completion/stopped": float(np.asarray(out.stopped_b)[real_b].mean())
+            if real_b.any() else 0.0,
+            "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/logprobs_s": t3 - t2,
+            # The sampler reads the trainer's params in place: there is no copy to time.
+            "time/handoff_s": 0.0,
+        })
+        for name, scores in parts.items():
+            metrics[f"reward/{name}"] = float(scores[real_b].sum() / real)
+        self.last_samples = list(zip([self.tokenizer.decode(x) for x in prompt_ids[:g * 2:g]],
+                                     texts[:g * 2:g], strict=True))
+        return self._minibatches(batch, metrics, step)
+
+    def _minibatches(self, batch: dict[str, np.ndarray], metrics: dict[str, float],
+                     step: int) -> list[tuple[dict[str, jax.Array], dict[str, float]]]:
+        rows = self.trainer.config.train.batch_size
+        m = self.rl.minibatches
+        rng = np.random.default_rng([self.trainer.config.seed, step])
+        # Every update of this rollout carries an equal share of its sampling time, so
+        # the logged time split is the rollout's whatever step gets logged.
+        share = {k: (v / (m * self.rl.epochs) if k.startswith("time/") else v)
+                 for k, v in metrics.items()}
+        out = []
+        for _ in range(self.rl.epochs):
+            # Whole groups stay together, so every minibatch holds complete groups.
+            groups = rng.permutation(len(batch["weight_b"]) // self.rl.num_samples)
+            order = (groups[:, None] * self.rl.num_samples
+                     + np.arange(self.rl.num_samples)[None]).reshape(-1)
+            for i in range(m):
+                idx = order[i * rows:(i + 1) * rows] if m > 1 else np.arange(rows)
+                part = {k: v[idx] for k, v in batch.items()}
+                out.append((shd.global_batch(part, self.trainer.mesh), share))
+        return out
+
+
+def prompt_arrays(host: Mapping[str, Any], mesh: jax.sharding.Mesh
+                  ) -> tuple[jax.Array, jax.Array]:
+    """A prompt batch on the mesh: row-sharded when the rows split evenly, else replicated.
+
+    A rollout of ``G`` samples per prompt may have fewer prompts than data-parallel
+    devices; the sampler's ``B × G`` rows are sharded either way.
+    """
+    tokens, mask = host["prompt_tokens_bt"], host["prompt_mask_bt"]
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if tokens.shape[0] % dp == 0:
+        arrays = shd.global_batch({"t": tokens, "m": mask}, mesh)
+        return arrays["t"], arrays["m"]
+    rep = shd.replicated(mesh)
+    return jax.device_put(tokens, rep), jax.device_put(mask, rep)
+
+
+def tempered(logits_btv: jax.Array, temperature: float) -> jax.Array:
+    """Logits of the distribution the sampler draws from (greedy: the raw logits)."""
+    return logits_btv if temperature in (0.0, 1.0) else logits_btv / temperature
+
+
+def token_logps(model: Any, seq: Mapping[str, jax.Array], temperature: float) -> jax.Array:
+    """Masked log-probs of a rollout's completion tokens under ``model``."""
+    logits_btv = model(seq["inputs_bt"], seq["positions_bt"], seq["segment_ids_bt"])
+    return (losses.token_logps(tempered(logits_btv, temperature), seq["targets_bt"])
+            * seq["loss_mask_bt"])
+
+
+def rl_config(**overrides: Any):
+    """The ``rl`` config section every RL stage reads (see ``configs/grpo.py``)."""
+    import ml_collections
+
+    rl = ml_collections.ConfigDict(dict(
+        num_samples=8,        # G completions per prompt
+        max_new_tokens=16,
+        temperature=1.0, top_k=0, top_p=1.0,
+        rewards="exact_answer",  # "name[:weight],..."; rm:<RM workdir> for a reward model
+        overlong_buffer=0,    # overlong_penalty's soft zone (0 = max_new_tokens // 4)
+        kl_coef=0.0,          # β; 0 drops the reference model
+        kl_estimator="k3",
+        epochs=1,             # updates per rollout batch (μ)
+        minibatches=1,        # optimizer steps per epoch; rollout = minibatches × batch_size
+    ))
+    rl.update(overrides)
+    return rl
+
+
+def mean_metric(x_bt: jax.Array, mask_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A (sum, count) metric over masked entries."""
+    return jnp.sum(x_bt * mask_bt), jnp.sum(mask_bt)
+
+
+def consistency_metric(logps_bt: jax.Array, batch: Mapping[str, jax.Array],
+                       mask_bt: jax.Array) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """Mean |trainer − sampler| log-prob of the sampled tokens: any gap is drift.
+
+    Measured where the trainer's params are the sampler's: in the loss of an
+    on-policy update, or (when a rollout feeds several updates) in the rollout's
+    log-prob pass, as ``old_logps_bt``.
+    """
+    ref_bt = batch.get("old_logps_bt", jax.lax.stop_gradient(logps_bt))
+    return {"consistency/logp_gap": mean_metric(jnp.abs(ref_bt - batch["sampler_logps_bt"]),
+                                                mask_bt)}

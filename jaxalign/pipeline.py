@@ -1,0 +1,244 @@
+"""Multi-stage pipelines: SFT -> RM -> DPO -> GRPO as one resumable job, with eval gates.
+
+A pipeline config (``configs/pipeline.py``) lists stages in order. Each names a
+stage config (``configs/<stage>.py:<preset>``), overrides (``"key=value"``
+strings, as on the command line) and, optionally, the earlier stage whose workdir
+it starts from (``init_from``: its ``model.init_from`` is set to that workdir). In
+override values ``@<stage>`` stands for an earlier stage's workdir, e.g.
+``rl.rewards=exact_answer,rm:@rm:0.2``. Stage ``i`` runs in ``ROOT/<i>-<name>/``.
+
+After a policy stage finishes, the pipeline's evals (an evals config, see
+``configs/evals.py``) run on it once and are cached in ``ROOT/<i>-<name>/evals.json``;
+its gates compare it with the stage it started from, and a failed gate stops the
+pipeline. Re-running the same command skips finished stages (``DONE.json``) and
+resumes an interrupted one from its latest checkpoint. The final report —
+``ROOT/report.md`` / ``report.json`` — is a table with one column per policy stage.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ml_collections
+from absl import logging
+
+DONE = "DONE.json"
+EVALS = "evals.json"
+
+
+class GateFailed(RuntimeError):
+    """A stage regressed past a gate: the pipeline stops after that stage."""
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def load_stage_config(spec: str, root_dir: str = "") -> ml_collections.ConfigDict:
+    """``configs/dpo.py:demo`` -> the stage's ConfigDict (the file's ``get_config(arg)``)."""
+    path, _, arg = spec.partition(":")
+    if root_dir and not os.path.isabs(path):
+        path = os.path.join(root_dir, path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"stage config {spec!r}: {path} not found")
+    module_spec = importlib.util.spec_from_file_location(
+        os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str],
+                    where: str) -> ml_collections.ConfigDict:
+    """Applies ``"a.b=value"`` overrides (values parsed as Python literals, else strings)."""
+    config.unlock()
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"{where}: override {item!r} is not key=value")
+        node = config
+        *parents, leaf = key.strip().split(".")
+        try:
+            for p in parents:
+                node = node[p]
+            old = node[leaf]
+        except (KeyError, AttributeError):
+            raise ValueError(f"{where}: override {item!r} names no config key") from None
+        value = _parse_value(text.strip())
+        if isinstance(old, str) and not isinstance(value, str):
+            value = text.strip()
+        node[leaf] = value
+    config.lock()
+    return config
+
+
+class Pipeline:
+    """The stages of a pipeline config rooted at ``root``; :meth:`run` runs what is left."""
+
+    def __init__(self, config: Mapping[str, Any], root: str, *, repo_dir: str = ""):
+        self.config = config
+        self.root = root
+        self.repo_dir = repo_dir
+        self.stages = [dict(s) for s in config["stages"]]
+        names = [s["name"] for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"pipeline stage names must be unique: {names}")
+        for i, s in enumerate(self.stages):
+            ref = s.get("init_from", "")
+            if ref and ref not in names[:i]:
+                raise ValueError(f"stage {s['name']!r}: init_from={ref!r} is not an earlier "
+                                 f"stage ({names[:i]})")
+        self.dirs = {s["name"]: os.path.join(root, f"{i}-{s['name']}")
+                     for i, s in enumerate(self.stages)}
+
+    def stage_config(self, stage: Mapping[str, Any]) -> ml_collections.ConfigDict:
+        """The stage's config with the pipeline's wiring and overrides applied."""
+        config = load_stage_config(stage["config"], self.repo_dir)
+        overrides = list(stage.get("overrides", ()))
+        if stage.get("init_from"):
+            overrides.append(f"model.init_from=workdir:{self.dirs[stage['init_from']]}")
+        # "@<stage>" in a value is that stage's workdir (e.g. rl.rewards=rm:@rm).
+        for name in sorted(self.dirs, key=len, reverse=True):
+            overrides = [o.replace(f"@{name}", self.dirs[name]) for o in overrides]
+        return apply_overrides(config, overrides, f"stage {stage['name']!r}")
+
+    def done(self, name: str) -> dict[str, Any] | None:
+        path = os.path.join(self.dirs[name], DONE)
+        if not os.path.isfile(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+
+    def run(self, *, stop_after: str = "") -> dict[str, Any]:
+        """Runs every unfinished stage in order, evaluating and gating policy stages.
+
+        Args:
+          stop_after: stop once this stage is finished (for tests and partial runs).
+
+        Returns:
+          The final report (see :meth:`report`).
+
+        Raises:
+          GateFailed: a stage regressed past one of its gates.
+        """
+        from jaxalign.train import train
+
+        os.makedirs(self.root, exist_ok=True)
+        for stage in self.stages:
+            name, workdir = stage["name"], self.dirs[stage["name"]]
+            if self.done(name) is None:
+                config = self.stage_config(stage)
+                logging.info("pipeline: stage %s (%s) in %s", name, stage["config"], workdir)
+                t0 = time.perf_counter()
+                result = train(config, workdir)
+                if result.get("preempted"):
+                    raise SystemExit(f"stage {name!r} was preempted; rerun the same command "
+                                     "to resume it")
+                with open(os.path.join(workdir, DONE), "w", encoding="utf-8") as f:
+                    json.dump({"stage": config.stage, "seconds": time.perf_counter() - t0,
+                               "train": result["train"], "eval": result["eval"]}, f,
+                              indent=1, default=float)
+            if config_is_policy(self.done(name)):
+                self.evaluate(stage)
+                self.check_gates(stage)
+            if name == stop_after:
+                break
+        return self.report()
+
+    def _suite(self) -> dict[str, Any]:
+        evals = dict(self.config["evals"])
+        evals.setdefault("seed", 0)
+        return evals
+
+    def evaluate(self, stage: Mapping[str, Any]) -> dict[str, Any]:
+        """The pipeline's evals on a policy stage, computed once and cached."""
+        from jaxalign import eval_suite
+
+        name = stage["name"]
+        path = os.path.join(self.dirs[name], EVALS)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+        suite = self._suite()
+        bs = int(suite.get("batch_size", 32))
+        policy = eval_suite.load_policy(self.dirs[name], batch_size=bs)
+        ref_name = self.config.get("reference", "")
+        reference = (eval_suite.load_policy(self.dirs[ref_name], batch_size=bs)
+                     if ref_name and ref_name != name and self.done(ref_name) else None)
+        rm_name = self.config.get("reward_model", "")
+        scorer = (eval_suite.load_rewards(f"rm:{self.dirs[rm_name]}", policy.tokenizer)
+                  if rm_name and self.done(rm_name) else None)
+        t0 = time.perf_counter()
+        run = eval_suite.run_evals(
+            eval_suite.EvalContext(policy, reference=reference, rewards=scorer,
+                                   seed=int(suite["seed"])),
+            {k: dict(v) for k, v in dict(suite["evals"]).items()},
+            out_dir=os.path.join(self.dirs[name], "eval"), label=name)
+        run["eval_seconds"] = time.perf_counter() - t0
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(run, f, indent=1, default=float)
+        return run
+
+    def check_gates(self, stage: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Checks a stage's gates against the stage it started from."""
+        from jaxalign import eval_report
+
+        gates = eval_report.parse_gates(list(stage.get("gates", ())))
+        base_name = stage.get("init_from", "")
+        if not gates or not base_name or not config_is_policy(self.done(base_name)):
+            return []
+        cand = self.evaluate(stage)
+        base = self.evaluate(next(s for s in self.stages if s["name"] == base_name))
+        rows = eval_report.check_gates(gates, cand["metrics"], base["metrics"],
+                                       skipped=set(cand["skipped"]) | set(base["skipped"]))
+        failed = [g for g in rows if g["status"] == "fail"]
+        if failed:
+            raise GateFailed(f"stage {stage['name']!r} failed its gates against "
+                             f"{base_name!r}: " + "; ".join(
+                                 f"{g['metric']}: {g['reason']}" for g in failed))
+        return rows
+
+    def report(self) -> dict[str, Any]:
+        """One column per finished policy stage; rows are the configured metrics."""
+        columns = [s["name"] for s in self.stages
+                   if config_is_policy(self.done(s["name"]))
+                   and os.path.isfile(os.path.join(self.dirs[s["name"]], EVALS))]
+        results = {n: self.evaluate(next(s for s in self.stages if s["name"] == n))
+                   for n in columns}
+        rows = list(self.config.get("report_metrics", ()))
+        if not rows:
+            rows = sorted({m for r in results.values() for m in r["metrics"]})
+        table = {m: {n: results[n]["metrics"].get(m) for n in columns} for m in rows}
+        seconds = {s["name"]: (self.done(s["name"]) or {}).get("seconds")
+                   for s in self.stages}
+        report = {"columns": columns, "metrics": table, "train_seconds": seconds,
+                  "eval_seconds": {n: results[n].get("eval_seconds") for n in columns}}
+        with open(os.path.join(self.root, "report.json"), "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1, default=float)
+        with open(os.path.join(self.root, "report.md"), "w", encoding="utf-8") as f:
+            f.write(render_table(report))
+        return report
+
+
+def config_is_policy(done: Mapping[str, Any] | None) -> bool:
+    """A finished stage that trains a policy (every stage but the reward model)."""
+    return done is not None and done.get("stage") != "rm"
+
+
+def render_table(report: Mapping[str, Any]) -> str:
+    """The before/after table as Markdown (one column per policy stage)."""
+    cols = report["columns"]
+    lines = ["| metric | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for metric, values in report["metrics"].items():
+        cells = ["—" if values.get(c) is None else f"{values[c]:.3f}" for c in cols]
+        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

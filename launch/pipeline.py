@@ -1,0 +1,48 @@
+"""Run a multi-stage pipeline (SFT -> RM -> DPO -> GRPO), resuming where it stopped.
+
+    python -m launch.pipeline --config=configs/pipeline.py:demo --workdir=runs/pipeline
+
+Prints the final before/after table and writes ``WORKDIR/report.md`` and
+``report.json``. Exits non-zero when a stage fails one of its gates.
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from jaxalign.pipeline import GateFailed, Pipeline, render_table
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Pipeline config file[:preset].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Root directory; stage i runs in "
+                               "WORKDIR/<i>-<name>.")
+_STOP_AFTER = flags.DEFINE_string("stop_after", "", "Stop once this stage is finished.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    pipeline = Pipeline(_CONFIG.value.to_dict(), _WORKDIR.value, repo_dir=repo)
+    try:
+        report = pipeline.run(stop_after=_STOP_AFTER.value)
+    except GateFailed as e:
+        print(f"GATE FAILED: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(render_table(report))
+    secs = {k: round(v) for k, v in report["train_seconds"].items() if v is not None}
+    print(f"train seconds per stage: {secs}")
+    print(f"wrote {os.path.join(_WORKDIR.value, 'report.md')} and report.json")
+
+
+def run_main():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run_main()

@@ -1,0 +1,75 @@
+"""Run a sweep of one stage config, locally or as commands for a cluster scheduler.
+
+    python -m launch.sweep --config=configs/<stage>.py[:preset] --sweep=NAME --workdir=ROOT
+
+The config file's ``get_sweep(NAME, preset)`` lists the runs (override dicts); they
+train one after another in ``ROOT/<run-name>/``, then a table of final metrics is
+printed and written to ``ROOT/sweep_summary.{json,md}``, and comparison plots go to
+``ROOT/plots/``. ``--config.<key>=<value>`` overrides apply to every run. A failed
+run is marked failed in the table and makes the exit status non-zero.
+
+``--print`` prints one ``python -m launch.train ...`` command per run instead, for a
+cluster scheduler.
+"""
+
+import os
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from jaxalign import sweep
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file[:preset].",
+                                          lock_config=True)
+_SWEEP = flags.DEFINE_string("sweep", None, "Sweep name passed to the config's get_sweep.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Sweep root; each run trains in ROOT/<run>/.")
+_PRINT = flags.DEFINE_bool("print", False, "Print one launch.train command per run and exit.")
+_PLOT = flags.DEFINE_bool("plot", True, "Write comparison plots to ROOT/plots/ at the end.")
+flags.mark_flags_as_required(["config", "sweep", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    config_arg = config_flags.get_config_filename(flags.FLAGS["config"])
+    base = config_flags.get_override_values(flags.FLAGS["config"])
+    runs = sweep.load_sweep(config_arg, _SWEEP.value)
+    root = _WORKDIR.value
+    if _PRINT.value:
+        for r in runs:  # a misspelled key is an error here, not on the cluster
+            sweep.apply_overrides(_CONFIG.value, r)
+        for name, r in zip(sweep.run_names(runs), runs, strict=True):
+            print(sweep.launch_command(config_arg, os.path.join(root, name), r, base))
+        return
+    results = sweep.run_sweep(_CONFIG.value, runs, root)
+    failed = [r["name"] for r in results if r["status"] == "failed"]
+    if jax.process_index() == 0:
+        report(results, root)
+    if failed:
+        print(f"{len(failed)} of {len(results)} runs failed: {', '.join(failed)}",
+              file=sys.stderr)
+        sys.exit(1)
+
+
+def report(results, root: str) -> None:
+    """Prints the summary table and writes the comparison plots."""
+    print(sweep.summary_table(results))
+    print(f"summary: {os.path.join(root, 'sweep_summary.md')} (and .json)")
+    done = [r["workdir"] for r in results
+            if os.path.exists(os.path.join(r["workdir"], "metrics.jsonl"))]
+    if _PLOT.value and done:
+        from jaxalign.plots import plot_runs
+
+        try:
+            paths = plot_runs(done, os.path.join(root, "plots"))
+            print(f"plots: {os.path.join(root, 'plots')} ({len(paths)} PNGs)")
+        except Exception as e:  # noqa: BLE001 -- the table matters more than the plots
+            print(f"plotting failed: {type(e).__name__}: {e}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    app.run(main)
