@@ -23,6 +23,10 @@ from absl import logging
 MANIFEST = "jaxalign_manifest.json"
 
 
+class CheckpointSaveError(RuntimeError):
+    """Writing a checkpoint failed (disk full, no permission); older ones are untouched."""
+
+
 def _digests(step_dir: str) -> dict[str, str]:
     out = {}
     for root, _, files in os.walk(step_dir):
@@ -75,6 +79,27 @@ class Checkpointer:
         )
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data"))
+        # The step of the async save in flight: its failure surfaces only at the next
+        # wait, and the error must name that step, not the one being started.
+        self._pending: int | None = None
+
+    def _save_error(self, step: int | None, e: Exception, what: str = "checkpoint"
+                    ) -> CheckpointSaveError:
+        older = [s for s in self._manager.all_steps() if s != step]
+        latest = f"the latest is step {max(older)}" if older else "none was written before"
+        return CheckpointSaveError(
+            f"writing {what} step {step if step is not None else '?'} to {self.directory} "
+            f"failed ({type(e).__name__}: {e}). Earlier checkpoints are untouched ({latest}); "
+            "free disk space or fix the directory's permissions, then rerun the same "
+            "command to resume.")
+
+    def _finish_pending(self) -> None:
+        """Waits for the async save in flight; raises ``CheckpointSaveError`` if it failed."""
+        step, self._pending = self._pending, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - Orbax re-raises whatever its writer hit
+            raise self._save_error(step, e) from e
 
     def _step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
@@ -89,9 +114,12 @@ class Checkpointer:
                 continue
             digests = _digests(step_dir)
             tmp = os.path.join(step_dir, MANIFEST + ".tmp")
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(digests, f, indent=0, sort_keys=True)
-            os.replace(tmp, os.path.join(step_dir, MANIFEST))
+            try:
+                with open(tmp, "w", encoding="utf-8") as f:
+                    json.dump(digests, f, indent=0, sort_keys=True)
+                os.replace(tmp, os.path.join(step_dir, MANIFEST))
+            except OSError as e:
+                raise self._save_error(step, e, "the checksum manifest of checkpoint") from e
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -101,19 +129,28 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_state: dict[str, Any], *,
              force: bool = False) -> bool:
-        """Starts an (async) save if ``step`` is a multiple of ``save_every``, or with ``force``."""
+        """Starts an (async) save if ``step`` is a multiple of ``save_every``, or with ``force``.
+
+        Raises:
+          CheckpointSaveError: this save, or the async one before it, failed to write.
+        """
         # The schedule is decided here, not by Orbax, which also saves the first step it sees.
         if not force and step % self.save_every:
             return False
-        saved = self._manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                    data=ocp.args.JsonSave(data_state)),
-            force=True,
-        )
+        # Orbax finishes the previous async save before starting this one.
+        self._finish_pending()
+        try:
+            saved = self._manager.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                        data=ocp.args.JsonSave(data_state)),
+                force=True,
+            )
+        except Exception as e:  # noqa: BLE001 - a failed write surfaces as any type
+            raise self._save_error(step, e) from e
         if saved:
+            self._pending = step
             logging.info("checkpoint: saving step %d to %s", step, self.directory)
-            # Orbax finishes the previous async save before starting this one.
             self._write_manifests(skip=step)
         return saved
 
@@ -154,7 +191,12 @@ class Checkpointer:
         return None
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Finishes the save in flight and writes missing manifests.
+
+        Raises:
+          CheckpointSaveError: the save in flight failed to write.
+        """
+        self._finish_pending()
         self._write_manifests()
 
     def close(self) -> None:

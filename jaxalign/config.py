@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import json
+import math
 from typing import Any
 
 import ml_collections
@@ -151,3 +153,68 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
 def to_json(config: ml_collections.ConfigDict) -> str:
     """The resolved config as JSON (what ``WORKDIR/config.json`` holds)."""
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+# Sections whose keys are all defined by ``base_config``: any other key there is a typo.
+_CLOSED_SECTIONS = ("mesh", "data", "train", "optim", "checkpoint", "metrics")
+# Whole numbers and their least allowed value.
+_INT_MIN = {"train.steps": 1, "train.batch_size": 1, "train.micro_batches": 1,
+            "train.log_every": 1, "train.eval_every": 1, "train.eval_batches": 0,
+            "data.max_len": 1, "data.max_prompt_len": 0, "data.eval_batch_size": 1,
+            "data.pack_window": 1, "data.num_workers": 0, "data.seed": 0,
+            "checkpoint.save_every": 1, "checkpoint.keep": 0, "optim.warmup_steps": 0,
+            **{f"model.{k}": 1 for k in MODEL_PRESETS["tiny"]}}
+# Non-negative numbers (an infinite learning rate stays possible, for NaN-guard tests).
+_NON_NEGATIVE = ("optim.learning_rate", "optim.final_lr_fraction", "optim.b1", "optim.b2",
+                 "optim.eps", "optim.weight_decay", "optim.grad_clip_norm",
+                 "metrics.peak_flops")
+
+
+def _unknown_keys(have: Any, want: Any, prefix: str) -> list[str]:
+    out = []
+    for key in have.keys():
+        name = f"{prefix}.{key}"
+        if key not in want:
+            close = difflib.get_close_matches(key, list(want.keys()), n=1)
+            out.append(f"unknown key {name}" + (f" (did you mean {prefix}.{close[0]}?)"
+                                                 if close else ""))
+        elif isinstance(want[key], ml_collections.ConfigDict) and hasattr(have[key], "keys"):
+            out += _unknown_keys(have[key], want[key], name)
+    return out
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Checks keys, types and ranges of the shared sections before any work starts.
+
+    Unknown keys in the sections every stage shares (a typo such as
+    ``train.stpes`` in a config file) and sizes that cannot work (``train.log_every=0``,
+    a negative ``data.max_len``, ``None`` for a step count) are reported together.
+
+    Raises:
+      ValueError: naming every offending key and what it must be.
+    """
+    base = base_config(str(config.get("stage", "sft")))
+    problems = []
+    for section in _CLOSED_SECTIONS:
+        if section in config and hasattr(config[section], "keys"):
+            problems += _unknown_keys(config[section], base[section], section)
+
+    def get(name: str) -> tuple[bool, Any]:
+        node: Any = config
+        for part in name.split("."):
+            if not hasattr(node, "keys") or part not in node:
+                return False, None
+            node = node[part]
+        return True, node
+
+    for name, least in _INT_MIN.items():
+        found, value = get(name)
+        if found and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            problems.append(f"{name}={value!r} must be a whole number >= {least}")
+    for name in _NON_NEGATIVE:
+        found, value = get(name)
+        if found and (isinstance(value, bool) or not isinstance(value, int | float)
+                      or math.isnan(value) or value < 0):
+            problems.append(f"{name}={value!r} must be a number >= 0")
+    if problems:
+        raise ValueError("invalid config: " + "; ".join(problems))

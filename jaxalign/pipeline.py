@@ -165,25 +165,44 @@ class Pipeline:
 
         name = stage["name"]
         path = os.path.join(self.dirs[name], EVALS)
+        ref_name = self.config.get("reference", "")
+        rm_name = self.config.get("reward_model", "")
+        have_ref = bool(ref_name) and self.done(ref_name) is not None
+        have_rm = bool(rm_name) and self.done(rm_name) is not None
+        cached = None
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
-                return json.load(f)
+                cached = json.load(f)
+            # Evals skipped for want of a reference or reward model that exists now (an
+            # SFT stage is evaluated before the RM is trained) run now; the rest is kept.
+            if not cached["skipped"] or (cached.get("had_reference") == have_ref
+                                         and cached.get("had_rewards") == have_rm):
+                return cached
         suite = self._suite()
         bs = int(suite.get("batch_size", 32))
         policy = eval_suite.load_policy(self.dirs[name], batch_size=bs)
-        ref_name = self.config.get("reference", "")
-        reference = (eval_suite.load_policy(self.dirs[ref_name], batch_size=bs)
-                     if ref_name and ref_name != name and self.done(ref_name) else None)
-        rm_name = self.config.get("reward_model", "")
+        # The reference stage is its own reference (KL 0, implicit rewards 0), so every
+        # column measures the same quantities.
+        reference = eval_suite.load_policy(self.dirs[ref_name], batch_size=bs) \
+            if have_ref else None
         scorer = (eval_suite.load_rewards(f"rm:{self.dirs[rm_name]}", policy.tokenizer)
-                  if rm_name and self.done(rm_name) else None)
+                  if have_rm else None)
+        entries = {k: dict(v) for k, v in dict(suite["evals"]).items()}
+        if cached is not None:
+            entries = {k: v for k, v in entries.items() if k in cached["skipped"]}
         t0 = time.perf_counter()
         run = eval_suite.run_evals(
             eval_suite.EvalContext(policy, reference=reference, rewards=scorer,
                                    seed=int(suite["seed"])),
-            {k: dict(v) for k, v in dict(suite["evals"]).items()},
-            out_dir=os.path.join(self.dirs[name], "eval"), label=name)
+            entries, out_dir=os.path.join(self.dirs[name], "eval"), label=name)
         run["eval_seconds"] = time.perf_counter() - t0
+        if cached is not None:
+            merged = dict(cached)
+            merged["metrics"] = {**cached["metrics"], **run["metrics"]}
+            merged["skipped"] = run["skipped"]
+            merged["eval_seconds"] = cached.get("eval_seconds", 0.0) + run["eval_seconds"]
+            run = merged
+        run["had_reference"], run["had_rewards"] = have_ref, have_rm
         with open(path, "w", encoding="utf-8") as f:
             json.dump(run, f, indent=1, default=float)
         return run

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -60,11 +61,17 @@ class PrecomputedColumns:
     def prepare_train(self, make_iterator: Callable[[], Any], steps: int) -> bool:
         """Loads the cache or computes it over batches ``0..steps-1``; True if computed."""
         if os.path.exists(self.path):
-            with np.load(self.path) as f:
-                if str(f["key"]) == self.key:
-                    self.train = {k: f[k] for k in f.files if k != "key"}
-                    return False
-            logging.warning("%s was computed for other settings; recomputing", self.path)
+            try:
+                # allow_pickle=False (numpy's default, spelled out): a planted pickle in
+                # the workdir is refused, never unpickled.
+                with np.load(self.path, allow_pickle=False) as f:
+                    if str(f["key"]) == self.key:
+                        self.train = {k: f[k] for k in f.files if k != "key"}
+                        return False
+                logging.warning("%s was computed for other settings; recomputing", self.path)
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+                logging.warning("%s is unreadable (%s: %s); recomputing", self.path,
+                                type(e).__name__, e)
         it = make_iterator()
         try:
             rows = self._compute(next(it) for _ in range(steps))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -19,13 +20,14 @@ import optax
 from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxalign import algos
 from jaxalign import sharding as shd
 from jaxalign import step as step_lib
 from jaxalign.checkpoint import Checkpointer, abstract_with_shardings
-from jaxalign.config import to_json
+from jaxalign.config import check_config, to_json
 from jaxalign.data.tokenizer import check_vocab, load_tokenizer
 from jaxalign.mesh import barrier, make_mesh, maybe_initialize_distributed
 from jaxalign.metrics import MetricsWriter, Progress, Throughput, peak_flops_probe, to_python
@@ -132,6 +134,7 @@ def state_layout(config: ml_collections.ConfigDict, model_cfg: TransformerConfig
 def _install_sigterm_handler(trainer: Trainer) -> Callable[[], None]:
     """SIGTERM sets a flag checked at the next step boundary; returns the restorer."""
     trainer._sigterm = False
+    trainer._stop_vote = None
 
     def handler(signum, frame):
         trainer._sigterm = True
@@ -148,6 +151,7 @@ class Trainer:
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str,
                  mesh: Mesh | None = None):
+        check_config(config)  # typos and impossible sizes fail before any work
         maybe_initialize_distributed()
         self._sigterm = False
         self.config = config
@@ -181,10 +185,12 @@ class Trainer:
         self.rules = shd.rules_from_config(config.sharding.rules)
         self.tx, self.schedule = make_optimizer(config.optim, config.train.steps)
         self._build_state_layout()
+        # Orbax's manager runs the first cross-process collective, and gloo gives a late
+        # process only 30 s to join one: meet first (data validation times differ).
+        barrier("init")
         self.checkpointer = Checkpointer(
             os.path.join(workdir, "checkpoints"), save_every=config.checkpoint.save_every,
             keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-        barrier("init")
         self.state, self.data_state = self._init_or_restore()
         # The data position is the iterator's JSON state, saved in every checkpoint.
         self.train_iter = self.train_data.iterator()
@@ -323,18 +329,37 @@ class Trainer:
             totals = out if totals is None else jax.tree.map(np.add, totals, out)
         return {} if totals is None else step_lib.finish_eval(totals)
 
-    def _check_nonfinite(self, metrics: dict[str, float]) -> None:
-        first = int(jax.device_get(self.state["first_nonfinite_step"]))
-        if first < 0 or self.config.train.nonfinite == "skip":
+    def _check_nonfinite(self, metrics: dict[str, Any], step: int) -> None:
+        """Under ``train.nonfinite=stop``, raises if any update so far was non-finite.
+
+        Called at every log line and before every checkpoint, so the error comes within
+        one logging interval and no checkpoint holds a state after a non-finite update.
+        """
+        if self.config.train.nonfinite == "skip":
             return
+        first = int(jax.device_get(self.state["first_nonfinite_step"]))
+        if first < 0:
+            return
+        names = [k for k in ("loss", "grad_norm", "update_norm") if k in metrics]
+        host = to_python({k: metrics[k] for k in names})
+        m = {k: host[k] for k in names}
+        bad = [k for k, v in m.items() if not np.isfinite(v)]
+        now = (f"{' and '.join(bad)} {'is' if len(bad) == 1 else 'are'} non-finite" if bad
+               else "the logged metrics are finite again")
         last = self.checkpointer.latest_step()
         raise FloatingPointError(
-            f"non-finite loss, gradient or update at step {first + 1} (at the last logged step: "
-            f"loss={metrics.get('loss')}, grad_norm={metrics.get('grad_norm')}, "
-            f"update_norm={metrics.get('update_norm')}); the update was not applied. "
-            f"Last checkpoint: {'none' if last is None else f'step {last}'} in "
-            f"{self.checkpointer.directory}. Lower optim.learning_rate, check the data, or set "
-            "train.nonfinite=skip to skip such updates.")
+            f"non-finite loss, gradient or update at step {first + 1}: the update was not "
+            f"applied and the run stops (train.nonfinite=stop). At step {step}: {now} ("
+            + ", ".join(f"{k}={v}" for k, v in m.items()) + "). Last good checkpoint: "
+            f"{'none' if last is None else f'step {last}'} in {self.checkpointer.directory}. "
+            "Lower optim.learning_rate, check the data, or set train.nonfinite=skip to skip "
+            "such updates.")
+
+    def _save(self, step: int, metrics: dict[str, Any] | None, *, force: bool = False) -> None:
+        """Checkpoints ``step`` (on schedule, or with ``force``) unless an update was non-finite."""
+        if force or step % self.checkpointer.save_every == 0:
+            self._check_nonfinite(metrics or {}, step)
+        self.checkpointer.save(step, self._checkpointed(self.state), self.data_state, force=force)
 
     def fit(self, num_steps: int | None = None) -> dict[str, Any]:
         """Runs from the current step to ``train.steps``; returns the last metrics.
@@ -400,7 +425,7 @@ class Trainer:
                     last_train = to_python({**metrics, **host_metrics})
                     last_train.update(throughput.read())
                     last_train.update(self.train_iter.metrics())
-                    self._check_nonfinite(last_train)
+                    self._check_nonfinite(last_train, done)
                     writer.write(done, "train", last_train)
                     rate = (time.perf_counter() - t_start) / max(done - start, 1)
                     progress.update(done, last_train, rate * (cfg.steps - done))
@@ -415,7 +440,7 @@ class Trainer:
                     # Mid-rollout: the rest of this rollout's batches are not in any
                     # checkpoint, so saving (or stopping) waits for its last update.
                     continue
-                self.checkpointer.save(done, self._checkpointed(self.state), self.data_state)
+                self._save(done, {**metrics, **host_metrics})
                 if self._preemption_requested(done):
                     preempted = True
                     progress.line(f"preempted at step {done}: checkpointing and exiting; rerun "
@@ -423,8 +448,7 @@ class Trainer:
                     break
             end = int(jax.device_get(self.state["step"]))
             if self.checkpointer.latest_step() != end:
-                self.checkpointer.save(end, self._checkpointed(self.state), self.data_state,
-                                       force=True)
+                self._save(end, metrics, force=True)
         finally:
             restore_handler()
             self.checkpointer.wait()
@@ -463,15 +487,23 @@ class Trainer:
         return batch, host_metrics
 
     def _preemption_requested(self, step: int) -> bool:
-        if self._sigterm:
+        """Whether to stop after the checkpoint of ``step`` (SIGTERM or a preemption notice).
+
+        With several processes a local SIGTERM is only a vote: a process stopping on its
+        own would leave the others waiting in their next collective. The votes are
+        combined by a max over all processes that is read one step boundary later, so
+        every process stops at the same step without waiting for the device each step.
+        """
+        if jax.process_count() == 1:
+            return self._sigterm
+        vote, self._stop_vote = self._stop_vote, _any_process(self._sigterm, self.mesh)
+        if vote is not None and int(vote.addressable_data(0)):
             return True
-        if jax.process_count() > 1:
-            # All processes agree on the step at which to stop (JAX's preemption service).
-            try:
-                return multihost_utils.reached_preemption_sync_point(step)
-            except RuntimeError:
-                return False
-        return False
+        # All processes agree on the step at which to stop (JAX's preemption service).
+        try:
+            return multihost_utils.reached_preemption_sync_point(step)
+        except RuntimeError:
+            return False
 
     def _compile(self):
         abstract_batch = {
@@ -500,6 +532,20 @@ class Trainer:
     def close(self) -> None:
         self.train_iter.close()
         self.checkpointer.close()
+
+
+@functools.cache
+def _vote_max(mesh: Mesh) -> tuple[NamedSharding, Callable[[jax.Array], jax.Array]]:
+    flat = Mesh(mesh.devices.reshape(-1), ("all",))
+    return (NamedSharding(flat, P("all")),
+            jax.jit(jnp.max, out_shardings=NamedSharding(flat, P())))
+
+
+def _any_process(flag: bool, mesh: Mesh) -> jax.Array:
+    """Starts a max of ``flag`` over every process; returns it without waiting (replicated)."""
+    sharding, vote_max = _vote_max(mesh)
+    local = np.full((len(mesh.local_devices),), int(flag), np.int32)
+    return vote_max(jax.make_array_from_process_local_data(sharding, local))
 
 
 def _device_fields(host: dict[str, Any]) -> dict[str, np.ndarray]:

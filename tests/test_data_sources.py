@@ -45,7 +45,7 @@ def test_jsonl_round_trip_through_array_record(tmp_path):
     assert [(loc.source, loc.unit, loc.index) for loc in map(source.locate, range(3))] == [
         (f"jsonl:{path}", "line", 1), (f"jsonl:{path}", "line", 3),
         (f"jsonl:{path}", "line", 5)]
-    shards = list(data_dir.glob("jsonl_*/1.0.0/*.array_record-*"))
+    shards = list(data_dir.glob("jsonl_*/1.1.0/*.array_record-*"))
     assert len(shards) == 1 and source.directory == shards[0].parent
     # A second open reuses the conversion; a changed file is converted again.
     again = JsonlSource(str(path), str(data_dir))

@@ -123,7 +123,7 @@ def test_nonfinite_loss(tmp_path, mode):
                         "optim.grad_clip_norm": 0.0, "train.nonfinite": mode})
     if mode == "stop":
         with pytest.raises(FloatingPointError,
-                           match=r"non-finite loss, gradient or update at step 1 "):
+                           match=r"non-finite loss, gradient or update at step 1: "):
             train(config, str(tmp_path / mode))
     else:
         summary = train(config, str(tmp_path / mode))

@@ -118,6 +118,12 @@ class Encoder:
         return loc.error(field, f"chat template {self.template.name!r} failed: "
                          f"{type(e).__name__}: {e}")
 
+    def _nothing_trained(self, loc: rec.Location, field: str) -> rec.RecordError:
+        # A template that drops the assistant text (or renders nothing) would otherwise
+        # give examples without a single trained id: silently useless data.
+        return loc.error(field, f"chat template {self.template.name!r} rendered no trained "
+                         "token for it (its output lacks the assistant text)")
+
     def _overlong(self, loc: rec.Location, field: str, n: int, cap: int) -> rec.RecordError:
         return loc.error(field, f"needs {n} ids but at most {cap} fit (data.max_len="
                          f"{self.max_len}); set data.overlong to truncate_left, "
@@ -127,6 +133,8 @@ class Encoder:
 
     def _fit_sequence(self, ids: list[int], mask: list[int], loc: rec.Location,
                       field: str) -> Example:
+        if not any(mask):
+            raise self._nothing_trained(loc, field)
         cap = self.max_len + 1
         if len(ids) <= cap:
             return {"ids": _ids(ids), "mask": np.asarray(mask, np.int8), "truncated": False}
@@ -186,6 +194,9 @@ class Encoder:
             rejected = self.template.encode_completion(pair.prompt, pair.rejected, prompt)
         except Exception as e:
             raise self._template_error(loc, "prompt", e) from None
+        for field, ids in (("chosen", chosen), ("rejected", rejected)):
+            if not ids:
+                raise self._nothing_trained(loc, field)
         cap = self.max_len + 1
         n = len(prompt) + max(len(chosen), len(rejected))
         truncated = n > cap

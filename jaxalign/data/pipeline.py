@@ -152,10 +152,12 @@ class _BatchDataset(grain.IterDataset):
     """Examples -> batches of ``rows`` rows (padded or packed), with per-batch counts."""
 
     def __init__(self, parent: grain.IterDataset, *, fmt: str, rows: int, max_len: int,
-                 max_prompt_len: int, pad_id: int, pack: bool, window: int, seed: int):
+                 max_prompt_len: int, pad_id: int, pack: bool, window: int, seed: int,
+                 name: str = "", barren_limit: int = 0):
         super().__init__(parent)
         self.kw = dict(fmt=fmt, rows=rows, max_len=max_len, max_prompt_len=max_prompt_len,
-                       pad_id=pad_id, pack=pack, window=window, seed=seed)
+                       pad_id=pad_id, pack=pack, window=window, seed=seed, name=name,
+                       barren_limit=barren_limit)
 
     def __iter__(self) -> _BatchIterator:
         return _BatchIterator(self._parent.__iter__(), **self.kw)
@@ -173,8 +175,13 @@ class _Window:
 
 class _BatchIterator(grain.DatasetIterator):
     def __init__(self, parent: grain.DatasetIterator, *, fmt: str, rows: int, max_len: int,
-                 max_prompt_len: int, pad_id: int, pack: bool, window: int, seed: int):
+                 max_prompt_len: int, pad_id: int, pack: bool, window: int, seed: int,
+                 name: str = "", barren_limit: int = 0):
         super().__init__(parent)
+        # The stream repeats forever: if every record is dropped (all overlong, say),
+        # reading would never end. After this many records without an example, stop.
+        self._name, self._barren_limit = name, barren_limit
+        self._barren: collections.Counter = collections.Counter()
         self._fmt, self._rows, self._max_len = fmt, rows, max_len
         self._max_prompt_len, self._pad_id, self._pack = max_prompt_len, pad_id, pack
         self._seed = seed
@@ -207,6 +214,14 @@ class _BatchIterator(grain.DatasetIterator):
             examples.append(e)
         if not counts:
             return
+        self._barren = collections.Counter() if examples else self._barren + counts
+        if self._barren_limit and self._barren["records"] >= self._barren_limit:
+            reasons = "; ".join(f"{n} x {k[len('reason:'):]}" for k, n in
+                                self._barren.most_common() if k.startswith("reason:"))
+            raise ValueError(
+                f"{self._name}: none of the last {self._barren['records']} records read yields "
+                f"an example, so no batch can be made ({reasons}). Raise data.max_len / "
+                "data.max_prompt_len or change data.overlong.")
         if self._fmt == "sft":
             rows = packing.make_rows(examples, self._max_len, self._pack)
         else:
@@ -437,7 +452,9 @@ class Loader:
         it = _BatchDataset(it, fmt=s.fmt, rows=self.local_batch_size, max_len=s.max_len,
                            max_prompt_len=s.max_prompt_len or s.max_len,
                            pad_id=self.tokenizer.pad_id, pack=s.pack, window=window,
-                           seed=s.seed)
+                           seed=s.seed, name=f"{self.source.name} [{s.split}]",
+                           # Two epochs' worth: every process has seen all of its share.
+                           barren_limit=2 * len(self.indices) + window)
         if s.num_workers:
             # grain's workers read absl flags; a library caller may never have parsed any.
             if not flags.FLAGS.is_parsed():

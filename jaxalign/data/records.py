@@ -115,6 +115,18 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
+def _unicode(value: str, field: str, loc: Location) -> str:
+    # A JSON "\ud800" escape decodes to a lone surrogate, which is no Unicode text:
+    # tokenizers fail on it with messages that name neither the record nor the field.
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise loc.error(field, f"holds a lone surrogate ({value[e.start]!r} at character "
+                            f"{e.start + 1}), which is not valid Unicode text") from None
+    return value
+
+
 def _messages(value: Any, field: str, loc: Location) -> tuple[Message, ...]:
     if not isinstance(value, Sequence) or isinstance(value, str | bytes):
         raise loc.error(field, f"expected a list of messages, got {_type_name(value)}")
@@ -133,6 +145,7 @@ def _messages(value: Any, field: str, loc: Location) -> tuple[Message, ...]:
             raise loc.error(f"{where}.role", f"unknown role {role!r} (expected one of {ROLES})")
         if not isinstance(content, str):
             raise loc.error(f"{where}.content", f"expected str, got {_type_name(content)}")
+        _unicode(content, f"{where}.content", loc)
         if role == "system" and i:
             raise loc.error(f"{where}.role", "only the first message may be a system message")
         out.append({"role": role, "content": content})
@@ -145,6 +158,7 @@ def _text(record: Mapping[str, Any], field: str, loc: Location, *, allow_empty: 
     value = record[field]
     if not isinstance(value, str):
         raise loc.error(field, f"expected str, got {_type_name(value)}")
+    _unicode(value, field, loc)
     if not allow_empty and not value.strip():
         raise loc.error(field, "is empty (an empty completion teaches nothing)")
     return value
@@ -155,7 +169,7 @@ def _prompt(record: Mapping[str, Any], loc: Location) -> tuple[Message, ...]:
         raise loc.error("prompt", f"missing (record has {sorted(record)})")
     value = record["prompt"]
     if isinstance(value, str):
-        return ({"role": "user", "content": value},)
+        return ({"role": "user", "content": _unicode(value, "prompt", loc)},)
     messages = _messages(value, "prompt", loc)
     if messages[-1]["role"] != "user":
         raise loc.error(f"prompt[{len(messages) - 1}].role",

@@ -18,6 +18,7 @@ names a stage expects; error messages then name the source column.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import dataclasses
 import glob
@@ -37,7 +38,8 @@ from jaxalign.data.builtin import load_builtin
 from jaxalign.data.records import Location
 
 DEFAULT_DATA_DIR = os.path.join("~", ".cache", "jaxalign", "datasets")
-_JSONL_VERSION = "1.0.0"
+# 1.1.0: lines are read as bytes, and invalid UTF-8 is reported instead of replaced.
+_JSONL_VERSION = "1.1.0"
 
 
 class RecordSource(Protocol):
@@ -195,6 +197,20 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _has_record(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return any(line.strip() for line in f)
+
+
+def _decode_line(raw: bytes) -> tuple[str, str]:
+    """A JSONL line's text, or ``("", why)`` when it is not UTF-8."""
+    try:
+        return raw.decode("utf-8"), ""
+    except UnicodeDecodeError as e:
+        return "", (f"not valid UTF-8 (byte {raw[e.start]:#04x} at byte {e.start + 1} of the "
+                    f"line: {e.reason})")
+
+
 def _jsonl_builder_class():
     import tensorflow_datasets as tfds
 
@@ -216,6 +232,7 @@ def _jsonl_builder_class():
                 + json.dumps([str(f) for f in self._files]),
                 features=tfds.features.FeaturesDict({
                     "text": tfds.features.Text(),
+                    "error": tfds.features.Text(),  # why the line is unreadable, or ""
                     "file": tfds.features.Scalar(np.int32),
                     "line": tfds.features.Scalar(np.int64),
                 }),
@@ -228,13 +245,19 @@ def _jsonl_builder_class():
 
         def _generate_examples(self):
             for file_index, path in enumerate(self._files):
-                with open(path, encoding="utf-8", errors="replace") as f:
-                    for line_no, line in enumerate(f, start=1):
-                        if not line.strip():
+                # Bytes split at b"\n" only: line numbers match an editor's (a lone "\r"
+                # is no line break), and a line that is not UTF-8 is reported as such
+                # instead of being silently decoded with replacement characters.
+                with open(path, "rb") as f:
+                    for line_no, raw in enumerate(f, start=1):
+                        if not raw.strip():
                             self.blank_lines += 1
                             continue
+                        if line_no == 1:
+                            raw = raw.removeprefix(codecs.BOM_UTF8)
+                        text, error = _decode_line(raw.rstrip(b"\r\n"))
                         key = f"{file_index}:{line_no}"
-                        yield key, {"text": line.rstrip("\r\n"), "file": file_index,
+                        yield key, {"text": text, "error": error, "file": file_index,
                                     "line": line_no}
 
     return JsonlBuilder
@@ -256,6 +279,10 @@ class JsonlSource:
         self.directory = root / name / _JSONL_VERSION
         with _file_lock(root / f"jsonl_{key}.lock"):
             if not (self.directory / "dataset_info.json").is_file():
+                if not any(_has_record(path) for path in self.files):
+                    # TFDS would fail deep inside its writer ("No examples were yielded").
+                    raise ValueError(f"{self.name}: no records: every line of "
+                                     f"{', '.join(map(str, self.files))} is blank")
                 builder = _jsonl_builder_class()(
                     name=name, files=self.files, data_dir=str(root), file_format="array_record")
                 with _quiet_tfds():
@@ -277,18 +304,23 @@ class JsonlSource:
     def _row(self, index: int) -> dict[str, Any]:
         return self._data[index]
 
-    def locate(self, index: int) -> Location:
-        row = self._row(index)
+    def _location(self, row: Mapping[str, Any]) -> Location:
         return Location(f"jsonl:{self.files[int(row['file'])]}", int(row["line"]), "line")
+
+    def locate(self, index: int) -> Location:
+        return self._location(self._row(index))
 
     def __getitem__(self, index: int) -> Any:
         row = self._row(index)
-        text = row["text"].decode("utf-8") if isinstance(row["text"], bytes) else row["text"]
+        text, error = (v.decode("utf-8") if isinstance(v, bytes) else v
+                       for v in (row["text"], row["error"]))
+        if error:
+            raise self._location(row).error("<utf-8>", error)
         try:
             return json.loads(text)
         except json.JSONDecodeError as e:
-            loc = Location(f"jsonl:{self.files[int(row['file'])]}", int(row["line"]), "line")
-            raise loc.error("<json>", f"malformed JSON ({e.msg} at column {e.colno})") from None
+            raise self._location(row).error(
+                "<json>", f"malformed JSON ({e.msg} at column {e.colno})") from None
 
 
 # --- tfds -------------------------------------------------------------------------------

@@ -382,10 +382,13 @@ def _load_directory(directory: Path) -> Tokenizer:
     config_path = directory / CONFIG_FILE
     config = _read_config(config_path) if config_path.is_file() else {}
     template = _template_from(config, directory)
-    if (directory / "tokenizer.json").is_file():
-        return _load_hf(directory / "tokenizer.json", config, template)
-    if (directory / "tokenizer.model").is_file():
-        return _load_sentencepiece(directory / "tokenizer.model", config, template)
+    for name, loader in (("tokenizer.json", _load_hf), ("tokenizer.model", _load_sentencepiece)):
+        if (directory / name).is_file():
+            try:
+                return loader(directory / name, config, template)
+            except ValueError as e:  # e.g. a binary file where JSON belongs
+                raise ValueError(f"unsupported tokenizer file {str(directory / name)!r}: "
+                                 f"{e}") from e
     raise FileNotFoundError(
         f"tokenizer directory {directory} holds neither tokenizer.json nor tokenizer.model")
 
