@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks.sft_step import _rms, _rope
 from jaxalign import sampling
 from jaxalign import sharding as shd
 from jaxalign.mesh import make_mesh
@@ -37,19 +38,6 @@ SHAPES = {
     "quick": dict(model=dict(vocab_size=2048, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2,
                              head_dim=64, mlp_dim=768), prompt=16, new=32),
 }
-
-
-def _rms(x, w, eps):
-    return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + eps) * w
-
-
-def _rope(x_btnh, pos_bt, theta):
-    h = x_btnh.shape[-1]
-    inv = 1.0 / theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h)
-    ang = pos_bt[..., None].astype(jnp.float32) * inv
-    cos, sin = jnp.cos(ang)[:, :, None], jnp.sin(ang)[:, :, None]
-    a, b = jnp.split(x_btnh, 2, -1)
-    return jnp.concatenate([a * cos - b * sin, b * cos + a * sin], -1)
 
 
 def reference_generate(p, cfg: TransformerConfig, prompt_bt, new_tokens: int):

@@ -23,6 +23,53 @@ from jaxalign.algos.rollout import rl_config
 from jaxalign.config import base_config, model_config
 
 
+def prompt_data(config) -> None:
+    """RL data (the builtin world's prompts, held-out eval prompts) and a flat schedule."""
+    config.data.train = config.data.eval = "builtin:world"
+    config.data.train_split = "rl"
+    config.data.eval_split = "eval"
+    config.data.overlong = "truncate_left"
+    config.optim.weight_decay = 0.0
+    config.optim.schedule = "constant"
+
+
+def rl_preset(config, arg: str, *, demo_steps: int, demo_batch: int, demo_every: int,
+              test_steps: int, test_every: int) -> None:
+    """The ``demo``/``test`` presets the RL stages (grpo, ppo) share."""
+    if arg == "demo":
+        config.model = model_config("small")
+        config.model.init_from = "workdir:runs/sft-world"
+        config.data.max_len = config.data.max_prompt_len = 32
+        config.data.eval_batch_size = 64
+        config.train.steps = demo_steps
+        config.train.batch_size = demo_batch
+        config.train.log_every = max(demo_every // 5, 1)
+        config.train.eval_every = demo_every
+        config.train.eval_at_start = True
+        config.optim.learning_rate = 1e-4
+        config.optim.warmup_steps = 5
+        config.checkpoint.save_every = demo_every
+    elif arg == "test":
+        config.model = model_config("tiny")
+        config.data.max_len = config.data.max_prompt_len = 24
+        config.data.eval_batch_size = 16
+        config.rl.max_new_tokens = 6
+        config.rl.rewards = "stopped,length_penalty:0.5"
+        config.train.steps = test_steps
+        config.train.batch_size = 16
+        config.train.log_every = 2
+        config.train.eval_every = test_every
+        config.train.eval_batches = 1
+        config.optim.learning_rate = 1e-3
+        config.optim.warmup_steps = 1
+        config.checkpoint.save_every = test_every
+        config.checkpoint.async_save = False
+        config.metrics.peak_flops = 1e11
+    else:
+        raise ValueError(f"unknown preset {arg!r} for configs/{config.stage}.py; known: demo, "
+                         "test")
+
+
 def get_config(arg: str = "demo"):
     config = base_config("grpo")
     config.rl = rl_config()
@@ -34,47 +81,15 @@ def get_config(arg: str = "demo"):
         dynamic_sampling=False,   # zero-variance groups carry no weight
         entropy_metric=True,
     ))
-    config.data.train = config.data.eval = "builtin:world"
-    config.data.train_split = "rl"
-    config.data.eval_split = "eval"
-    config.data.overlong = "truncate_left"
-    config.optim.weight_decay = 0.0
-    config.optim.schedule = "constant"
+    prompt_data(config)
+    rl_preset(config, arg, demo_steps=100, demo_batch=128, demo_every=25, test_steps=6,
+              test_every=3)
     if arg == "demo":
-        config.model = model_config("small")
-        config.model.init_from = "workdir:runs/sft-world"
-        config.data.max_len = config.data.max_prompt_len = 32
-        config.data.eval_batch_size = 64
         # Exact answers, plus refusing exactly the requests that must be refused.
         config.rl.rewards = "exact_answer,refusal_correct:0.5"
         config.rl.num_samples = 8
         config.rl.max_new_tokens = 8
-        config.train.steps = 100
-        config.train.batch_size = 128
-        config.train.log_every = 10
-        config.train.eval_every = 25
-        config.train.eval_at_start = True
-        config.optim.learning_rate = 1e-4
-        config.optim.warmup_steps = 5
-        config.checkpoint.save_every = 25
-    elif arg == "test":
-        config.model = model_config("tiny")
-        config.data.max_len = config.data.max_prompt_len = 24
-        config.data.eval_batch_size = 16
-        config.rl.num_samples = 4
-        config.rl.max_new_tokens = 6
-        config.rl.rewards = "stopped,length_penalty:0.5"
-        config.train.steps = 6
-        config.train.batch_size = 16
-        config.train.log_every = 2
-        config.train.eval_every = 3
-        config.train.eval_batches = 1
-        config.optim.learning_rate = 1e-3
-        config.optim.warmup_steps = 1
-        config.checkpoint.save_every = 3
-        config.checkpoint.async_save = False
-        config.metrics.peak_flops = 1e11
     else:
-        raise ValueError(f"unknown preset {arg!r} for configs/grpo.py; known: demo, test")
+        config.rl.num_samples = 4
     config.lock()
     return config

@@ -11,8 +11,9 @@ prompts) and ``test`` (tiny, seconds).
 
 import ml_collections
 
+from configs.grpo import prompt_data, rl_preset
 from jaxalign.algos.rollout import rl_config
-from jaxalign.config import base_config, model_config
+from jaxalign.config import base_config
 
 
 def get_config(arg: str = "demo"):
@@ -29,45 +30,12 @@ def get_config(arg: str = "demo"):
         kl_target=0.0,          # > 0: adaptive β toward this per-sequence KL
         kl_horizon=10_000.0,
     ))
-    config.data.train = config.data.eval = "builtin:world"
-    config.data.train_split = "rl"
-    config.data.eval_split = "eval"
-    config.data.overlong = "truncate_left"
-    config.optim.weight_decay = 0.0
-    config.optim.schedule = "constant"
+    prompt_data(config)
+    rl_preset(config, arg, demo_steps=80, demo_batch=64, demo_every=20, test_steps=8,
+              test_every=4)
     if arg == "demo":
-        config.model = model_config("small")
-        config.model.init_from = "workdir:runs/sft-world"
         config.rl.rewards = "rm:runs/rm-demo"
         config.rl.max_new_tokens = 12
         config.ppo.kl_target = 2.0
-        config.data.max_len = config.data.max_prompt_len = 32
-        config.data.eval_batch_size = 64
-        config.train.steps = 80
-        config.train.batch_size = 64
-        config.train.log_every = 4
-        config.train.eval_every = 20
-        config.train.eval_at_start = True
-        config.optim.learning_rate = 1e-4
-        config.optim.warmup_steps = 4
-        config.checkpoint.save_every = 20
-    elif arg == "test":
-        config.model = model_config("tiny")
-        config.data.max_len = config.data.max_prompt_len = 24
-        config.data.eval_batch_size = 16
-        config.rl.max_new_tokens = 6
-        config.rl.rewards = "stopped,length_penalty:0.5"
-        config.train.steps = 8
-        config.train.batch_size = 16
-        config.train.log_every = 2
-        config.train.eval_every = 4
-        config.train.eval_batches = 1
-        config.optim.learning_rate = 1e-3
-        config.optim.warmup_steps = 1
-        config.checkpoint.save_every = 4
-        config.checkpoint.async_save = False
-        config.metrics.peak_flops = 1e11
-    else:
-        raise ValueError(f"unknown preset {arg!r} for configs/ppo.py; known: demo, test")
     config.lock()
     return config
