@@ -1,11 +1,12 @@
 # Two commands: `make demo` (the main job: the SFT -> RM -> DPO -> GRPO pipeline) and
 # `make test` (the whole suite). `make demo` resumes where it stopped; `make clean` starts over.
+# `make notebooks` executes the tutorials in notebooks/ and prints each one's wall time.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/pipeline
 
-.PHONY: demo test lint clean
+.PHONY: demo test notebooks lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +25,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest
+
+notebooks: $(VENV)/.installed-dev
+	$(PY) notebooks/run_all.py
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .

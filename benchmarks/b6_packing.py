@@ -24,6 +24,7 @@ import time
 import jax
 import numpy as np
 
+from benchmarks import report
 from jaxalign import sharding as shd
 from jaxalign import step as step_lib
 from jaxalign.algos import sft
@@ -84,6 +85,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="steps per contender per rep")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--pack_window", type=int, default=512)
+    report.add_args(parser)
     args = parser.parse_args()
 
     platform = jax.devices()[0].platform
@@ -121,9 +123,6 @@ def main() -> None:
             c.rates.append(real / seconds)
         ratios.append(rates["packed"] / rates["padded"])
 
-    def fmt(xs):
-        return f"{statistics.median(xs):.2f} (min {min(xs):.2f}, max {max(xs):.2f})"
-
     effs = {c.name: c.it.metrics()["data_packing_efficiency"] for c in contenders}
     device = f"{jax.devices()[0].device_kind} ({platform}, {dtype})"
     print(f"device: {device}; model {args.model} ({model_cfg.matmul_params():,} matmul params); "
@@ -133,11 +132,15 @@ def main() -> None:
         f"{c.name} {c.compile_s:.1f}s" for c in contenders))
     print("non-pad tokens/s (median): " + ", ".join(
         f"{c.name} {statistics.median(c.rates):,.0f}" for c in contenders))
-    print("| id | figure | target |")
-    print("|---|---|---|")
-    print(f"| B6 | non-pad tokens/s packed / padded: {fmt(ratios)} | > 1.3 (CPU), 1.4-2x (GPU) |")
-    print(f"| B6 | packing efficiency (real / row tokens): packed {effs['packed']:.3f}, padded "
-          f"{effs['padded']:.3f} | >= 0.9 |")
+    conf = (f"{args.model} model, batch {args.batch} x {args.max_len}, builtin:world SFT, "
+            f"{args.reps} reps x {args.steps} steps")
+    report.emit([
+        report.row("B6", "non-pad tokens/s packed / padded", ratios, "> 1.3", conf,
+                   device=device, digits=2),
+        report.row("B6", "packing efficiency", None, ">= 0.9", conf, device=device,
+                   figure=f"packing efficiency: packed {effs['packed']:.3f}, padded "
+                          f"{effs['padded']:.3f}", median=effs["packed"]),
+    ], args.json)
     truncated = sum(c.it.metrics()["data_truncated"] for c in contenders)
     print(f"records truncated (truncate_left) in both runs together: {truncated:.0f}")
 

@@ -11,13 +11,17 @@ log-probs, DPO on N pairs with the frozen reference run inside the step.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 
+from benchmarks import report
 from benchmarks.sft_step import SHAPES
 from jaxalign import sharding as shd
 from jaxalign import step as step_lib
@@ -40,14 +44,46 @@ def _sequences(rng, rows, t, vocab, prefix=""):
             f"{prefix}positions_bt": np.tile(np.arange(t, dtype=np.int32), (rows, 1))}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--reps", type=int, default=7)
-    args = parser.parse_args()
-    shape = SHAPES["quick" if args.quick else "full"]
-    pairs, t = shape["batch"], shape["seq"]
+STEPS = ("sft", "dpo_pre", "dpo_in_step")
 
+
+@dataclasses.dataclass
+class DpoBench:
+    """jaxalign's SFT and DPO steps on one model shape, each with its state and fixed batch.
+
+    Attributes:
+      steps: name -> jitted ``(state, batch, frozen) -> (state, metrics)``; names from
+        ``STEPS``: ``sft`` (2N sequences), ``dpo_pre`` (N pairs, precomputed reference
+        log-probs), ``dpo_in_step`` (N pairs, the frozen reference run inside the step).
+      states, batches, frozen: per step name.
+      model_cfg: the model's config.
+      optim: the ``config.optim`` mapping the steps' AdamW was built from.
+      n_params: parameter count of the policy.
+    """
+
+    steps: dict[str, Callable[..., Any]]
+    states: dict[str, Any]
+    batches: dict[str, Any]
+    frozen: dict[str, Any]
+    model_cfg: TransformerConfig
+    optim: Any
+    n_params: int
+
+    def run(self, name: str) -> float:
+        """One call of step ``name`` on its fixed batch; returns seconds."""
+        t0 = time.perf_counter()
+        self.states[name], m = self.steps[name](self.states[name], self.batches[name],
+                                                self.frozen[name])
+        jax.block_until_ready((self.states[name], m))
+        return time.perf_counter() - t0
+
+
+def build_dpo(shape: dict[str, Any], names: tuple[str, ...] = STEPS) -> DpoBench:
+    """Steps ``names`` for ``shape`` (``batch`` pairs x ``seq`` tokens a side; sigmoid DPO).
+
+    Each sequence is half prompt, half completion; the loss covers the completion.
+    """
+    pairs, t = shape["batch"], shape["seq"]
     config = base_config("dpo")
     config.model.update(shape["model"])
     config.dpo = ml_collections.ConfigDict(dict(
@@ -57,7 +93,7 @@ def main() -> None:
     mesh = make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
     rules = shd.rules_from_config(config.sharding.rules)
     tx, schedule = make_optimizer(config.optim, 1000)
-    model_def, _, shardings, init_fn = state_layout(config, model_cfg, tx, mesh, rules)
+    model_def, abstract, shardings, init_fn = state_layout(config, model_cfg, tx, mesh, rules)
     dpo_loss, dpo_weights = dpo.make_loss(config)
 
     def compile_step(loss_fn, weights, frozen_defs=None):
@@ -65,33 +101,43 @@ def main() -> None:
             loss_fn, weights, model_def=model_def, tx=tx, schedule=schedule, num_micro=1,
             mesh=mesh, rules=rules, frozen_defs=frozen_defs), donate_argnums=0)
 
-    steps = {
-        "sft": compile_step(sft.loss_fn, sft.loss_weights),
-        "dpo_pre": compile_step(dpo_loss, dpo_weights),
-        "dpo_in_step": compile_step(dpo_loss, dpo_weights, {"reference": model_def}),
+    makers = {
+        "sft": lambda: compile_step(sft.loss_fn, sft.loss_weights),
+        "dpo_pre": lambda: compile_step(dpo_loss, dpo_weights),
+        "dpo_in_step": lambda: compile_step(dpo_loss, dpo_weights, {"reference": model_def}),
     }
+    steps = {k: makers[k]() for k in names}
     states = {k: jax.jit(init_fn, out_shardings=shardings)() for k in steps}
-    reference = jax.jit(init_fn, out_shardings=shardings)()["params"]
+    reference = (jax.jit(init_fn, out_shardings=shardings)()["params"]
+                 if "dpo_in_step" in steps else None)
 
     rng = np.random.default_rng(0)
     v = model_cfg.vocab_size
     pair_batch = {**_sequences(rng, pairs, t, v, "chosen_"),
                   **_sequences(rng, pairs, t, v, "rejected_")}
     batches = {
-        "sft": shd.global_batch(_sequences(rng, 2 * pairs, t, v), mesh),
-        "dpo_pre": shd.global_batch({**pair_batch,
-                                     "ref_chosen_logps_b": rng.normal(size=pairs) - 300,
-                                     "ref_rejected_logps_b": rng.normal(size=pairs) - 300},
-                                    mesh),
-        "dpo_in_step": shd.global_batch(pair_batch, mesh),
+        "sft": lambda: _sequences(rng, 2 * pairs, t, v),
+        "dpo_pre": lambda: {**pair_batch,
+                            "ref_chosen_logps_b": rng.normal(size=pairs) - 300,
+                            "ref_rejected_logps_b": rng.normal(size=pairs) - 300},
+        "dpo_in_step": lambda: pair_batch,
     }
     frozen = {"sft": None, "dpo_pre": None, "dpo_in_step": {"reference": reference}}
+    n_params = sum(x.size for x in jax.tree.leaves(abstract["params"]))
+    return DpoBench(steps, states, {k: shd.global_batch(batches[k](), mesh) for k in steps},
+                    {k: frozen[k] for k in steps}, model_cfg, config.optim, n_params)
 
-    def run(name):
-        t0 = time.perf_counter()
-        states[name], m = steps[name](states[name], batches[name], frozen[name])
-        jax.block_until_ready((states[name], m))
-        return time.perf_counter() - t0
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--reps", type=int, default=7)
+    report.add_args(parser)
+    args = parser.parse_args()
+    shape = SHAPES["quick" if args.quick else "full"]
+    pairs, t = shape["batch"], shape["seq"]
+    bench = build_dpo(shape)
+    steps, run = bench.steps, bench.run
 
     compile_s = {name: run(name) for name in steps}
     for name in steps:  # outputs are committed after the first call: settle any recompile
@@ -103,20 +149,19 @@ def main() -> None:
     b4 = [d / s for d, s in zip(times["dpo_pre"], times["sft"], strict=True)]
     b5 = [i / p for i, p in zip(times["dpo_in_step"], times["dpo_pre"], strict=True)]
 
-    def fmt(xs):
-        return f"{statistics.median(xs):.3f} (min {min(xs):.3f}, max {max(xs):.3f})"
-
-    device = f"{jax.devices()[0].device_kind} ({jax.devices()[0].platform}, f32)"
+    device = report.device_label()
     print(f"device: {device}; model {shape['model']}; {pairs} pairs x {t} tokens a side "
           f"(SFT: {2 * pairs} x {t}); {args.reps} interleaved repetitions")
     print("first call (compile + run): " + ", ".join(
         f"{k} {v:.1f}s" for k, v in compile_s.items()))
     print("median step: " + ", ".join(
         f"{k} {statistics.median(v):.3f}s" for k, v in times.items()))
-    print("| id | figure | target |")
-    print("|---|---|---|")
-    print(f"| B4 | DPO step (precomputed ref) / SFT step on 2N sequences: {fmt(b4)} | <= 1.05 |")
-    print(f"| B5 | DPO in-step reference / precomputed reference: {fmt(b5)} | <= 1.40 |")
+    conf = f"{pairs} pairs x {t} tokens a side, {args.reps} reps"
+    report.emit([
+        report.row("B4", "DPO step (precomputed ref) / SFT step on 2N sequences", b4,
+                   "<= 1.05", conf),
+        report.row("B5", "DPO in-step reference / precomputed reference", b5, "<= 1.40", conf),
+    ], args.json)
 
 
 if __name__ == "__main__":

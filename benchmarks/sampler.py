@@ -17,14 +17,18 @@ the params dict. Repetitions interleave the probe and every contender.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks import report
 from benchmarks.sft_step import _rms, _rope
 from jaxalign import sampling
 from jaxalign import sharding as shd
@@ -107,18 +111,39 @@ def _timed(fn, *args, best_of: int = 1):
     return best
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--best-of", type=int, default=3,
-                        help="each contender's time in a repetition is its best of this many")
-    args = parser.parse_args()
-    shape = SHAPES["quick" if args.quick else "full"]
-    cfg = TransformerConfig(**shape["model"])
-    b, t, n = args.batch, shape["prompt"], shape["new"]
+@dataclasses.dataclass
+class GenerateBench:
+    """jaxalign's greedy sampler on a freshly initialised model, with fixed prompts.
 
+    Attributes:
+      generate: jitted ``(params, prompt_bt, mask_bt, key) -> SampleOut`` for ``new`` tokens.
+      params: the model's pure param dict.
+      prompt_bt, mask_bt: ``batch x prompt`` random ids (no padding) and their mask.
+      key: the sampling key (unused by greedy decoding).
+      cfg: the model's config.
+      model_def: rebuilds the model from ``params``.
+      mesh, rules: the one-device mesh and the default logical axis rules.
+    """
+
+    generate: Callable[..., Any]
+    params: Any
+    prompt_bt: jax.Array
+    mask_bt: jax.Array
+    key: jax.Array
+    cfg: TransformerConfig
+    model_def: ModelDef
+    mesh: Any
+    rules: dict[str, Any]
+
+    def run(self) -> float:
+        """One generate call; returns seconds."""
+        return _timed(self.generate, self.params, self.prompt_bt, self.mask_bt, self.key)
+
+
+def build_generate(shape: dict[str, Any], batch: int) -> GenerateBench:
+    """Greedy, no stop tokens (every row decodes ``shape["new"]`` tokens), one device."""
+    cfg = TransformerConfig(**shape["model"])
+    b, t, n = batch, shape["prompt"], shape["new"]
     mesh = make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
     rules = dict(shd.DEFAULT_RULES)
     graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(params=0)), nnx.Param)
@@ -126,11 +151,28 @@ def main() -> None:
     params = jax.device_put(nnx.to_pure_dict(state), jax.devices()[0])
     prompt_bt = jnp.asarray(np.random.default_rng(0).integers(1, cfg.vocab_size, (b, t)),
                             jnp.int32)
-    mask_bt = jnp.ones((b, t), jnp.int32)
-    key = jax.random.PRNGKey(0)
-
     greedy = sampling.SamplingConfig(max_new_tokens=n, temperature=0.0)
     ours = sampling.make_sampler(model_def, greedy, mesh=mesh, rules=rules)
+    return GenerateBench(ours, params, prompt_bt, jnp.ones((b, t), jnp.int32),
+                         jax.random.PRNGKey(0), cfg, model_def, mesh, rules)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--best-of", type=int, default=3,
+                        help="each contender's time in a repetition is its best of this many")
+    report.add_args(parser)
+    args = parser.parse_args()
+    shape = SHAPES["quick" if args.quick else "full"]
+    b, t, n = args.batch, shape["prompt"], shape["new"]
+    bench = build_generate(shape, b)
+    cfg, params, prompt_bt, mask_bt, key = (bench.cfg, bench.params, bench.prompt_bt,
+                                            bench.mask_bt, bench.key)
+    mesh, rules, model_def, ours = bench.mesh, bench.rules, bench.model_def, bench.generate
+
     ours_one = sampling.make_sampler(model_def, sampling.SamplingConfig(
         max_new_tokens=1, temperature=0.0), mesh=mesh, rules=rules)
     ref = jax.jit(reference_generate, static_argnums=(1, 3))
@@ -166,13 +208,9 @@ def main() -> None:
         b7.append(step_bytes / step / bw[-1])
         b8.append(ours_s[-1] / ref_s[-1])
 
-    def fmt(xs, digits=3):
-        return (f"{statistics.median(xs):.{digits}f} (min {min(xs):.{digits}f}, "
-                f"max {max(xs):.{digits}f})")
-
     n_params = sum(x.size for x in jax.tree.leaves(params))
     step_ms = [1e3 * (o - s1) / (n - 1) for o, s1 in zip(ours_s, one_s, strict=True)]
-    device = f"{jax.devices()[0].device_kind} ({jax.devices()[0].platform}, f32)"
+    device = report.device_label()
     print(f"device: {device}; model {shape['model']}; params {n_params:,}; batch {b}; "
           f"prompt {t}; new tokens {n}; greedy; {args.reps} interleaved repetitions, "
           f"each time the best of {args.best_of} calls")
@@ -183,13 +221,15 @@ def main() -> None:
           + "; reference " + " ".join(f"{x:.3f}" for x in ref_s))
     print(f"compile: jaxalign {compile_s['jaxalign']:.1f}s (1-token variant "
           f"{compile_s['jaxalign_1']:.1f}s), reference {compile_s['reference']:.1f}s; "
-          f"decode step {fmt(step_ms, 2)} ms; probe bandwidth "
+          f"decode step {report.fmt(step_ms, 2)} ms; probe bandwidth "
           f"{statistics.median(bw) / 1e9:.1f} GB/s; greedy token agreement {agree:.2f}")
-    print("| id | figure | target |")
-    print("|---|---|---|")
-    print(f"| B7 | decode-step bytes / step time / jnp.sum probe (batch {b}): {fmt(b7)} | "
-          "report (CPU); >= 0.6 (GPU) |")
-    print(f"| B8 | jaxalign generate / single-jit fori_loop decode: {fmt(b8)} | <= 1.10 |")
+    conf = (f"{n_params / 1e6:.1f}M params, batch {b}, prompt {t}, {n} new tokens, greedy, "
+            f"{args.reps} reps (best of {args.best_of})")
+    report.emit([
+        report.row("B7", f"decode-step bytes / step time / jnp.sum probe (batch {b})", b7,
+                   "report (CPU); >= 0.6 (GPU)", conf),
+        report.row("B8", "jaxalign generate / single-jit fori_loop decode", b8, "<= 1.10", conf),
+    ], args.json)
 
 
 if __name__ == "__main__":

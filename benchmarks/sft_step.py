@@ -11,14 +11,18 @@ cross-entropy), interleaved per repetition as BENCHMARKS.md asks.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks import report
 from jaxalign import sharding as shd
 from jaxalign import step as step_lib
 from jaxalign.algos import sft
@@ -89,13 +93,40 @@ def peak_probe() -> float:
     return 2 * 2048**3 / best
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--reps", type=int, default=7)
-    args = parser.parse_args()
-    shape = SHAPES["quick" if args.quick else "full"]
+@dataclasses.dataclass
+class SftBench:
+    """A compiled-on-first-call jaxalign SFT step with its state and one fixed batch.
 
+    Attributes:
+      train_step: jitted ``(state, batch) -> (state, metrics)``, state donated.
+      state: the train state (params + optimizer state), replaced by :meth:`run`.
+      batch: one global batch of random tokens, ``batch x seq``.
+      model_cfg: the model's config.
+      tx: the optax optimizer (AdamW with clipping and the schedule of ``config.optim``).
+      optim: the ``config.optim`` mapping ``tx`` was built from.
+      n_params: parameter count.
+      mesh: the one-device mesh.
+    """
+
+    train_step: Callable[..., Any]
+    state: Any
+    batch: Any
+    model_cfg: TransformerConfig
+    tx: optax.GradientTransformation
+    optim: Any
+    n_params: int
+    mesh: Any
+
+    def run(self) -> tuple[float, Any]:
+        """One step on the fixed batch; returns ``(seconds, metrics)``."""
+        t0 = time.perf_counter()
+        self.state, m = self.train_step(self.state, self.batch)
+        jax.block_until_ready((self.state, m))
+        return time.perf_counter() - t0, m
+
+
+def build_sft(shape: dict[str, Any]) -> SftBench:
+    """jaxalign's SFT step for ``shape`` (one of ``SHAPES``): f32, AdamW, one device."""
     config = base_config("sft")
     config.model.update(shape["model"])
     config.train.batch_size = shape["batch"]
@@ -111,14 +142,6 @@ def main() -> None:
         in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
     state = jax.jit(init_fn, out_shardings=shardings)()
 
-    def ref_update(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(reference_loss)(params, model_cfg, batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-    ref_step = jax.jit(ref_update, donate_argnums=(0, 1))
-    ref_params = jax.tree.map(jnp.copy, state["params"])
-    ref_opt = tx.init(ref_params)
-
     b, t = shape["batch"], shape["seq"]
     rng = np.random.default_rng(0)
     batch = {
@@ -128,12 +151,32 @@ def main() -> None:
         "segment_ids_bt": np.ones((b, t), np.int32),
         "positions_bt": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
     }
-    batch = shd.global_batch(batch, mesh)
+    n_params = sum(x.size for x in jax.tree.leaves(abstract["params"]))
+    return SftBench(train_step, state, shd.global_batch(batch, mesh), model_cfg, tx,
+                    config.optim, n_params, mesh)
 
-    t0 = time.perf_counter()
-    state, m = train_step(state, batch)
-    jax.block_until_ready(m)
-    compile_ours = time.perf_counter() - t0
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--reps", type=int, default=7)
+    report.add_args(parser)
+    args = parser.parse_args()
+    shape = SHAPES["quick" if args.quick else "full"]
+
+    bench = build_sft(shape)
+    model_cfg, tx, batch = bench.model_cfg, bench.tx, bench.batch
+
+    def ref_update(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(reference_loss)(params, model_cfg, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+    ref_step = jax.jit(ref_update, donate_argnums=(0, 1))
+    ref_params = jax.tree.map(jnp.copy, bench.state["params"])
+    ref_opt = tx.init(ref_params)
+    b, t = shape["batch"], shape["seq"]
+
+    compile_ours, m = bench.run()
     t0 = time.perf_counter()
     ref_params, ref_opt, loss = ref_step(ref_params, ref_opt, batch)
     jax.block_until_ready(loss)
@@ -141,18 +184,15 @@ def main() -> None:
     assert abs(float(m["loss"]) - float(loss)) < 1e-4, (float(m["loss"]), float(loss))
     # A second warm-up call: outputs come back with committed shardings, which can
     # trigger one more compilation of the reference step.
-    state, m = train_step(state, batch)
+    bench.run()
     ref_params, ref_opt, loss = ref_step(ref_params, ref_opt, batch)
-    jax.block_until_ready((state, m, ref_params, ref_opt, loss))
+    jax.block_until_ready((ref_params, ref_opt, loss))
 
     flops = model_cfg.flops_per_token(t) * b * t
     mfus, ratios, ours_s, ref_s = [], [], [], []
     for _ in range(args.reps):
         peak = peak_probe()
-        t0 = time.perf_counter()
-        state, m = train_step(state, batch)
-        jax.block_until_ready((state, m))
-        dt_ours = time.perf_counter() - t0
+        dt_ours, _ = bench.run()
         t0 = time.perf_counter()
         ref_params, ref_opt, loss = ref_step(ref_params, ref_opt, batch)
         jax.block_until_ready((ref_params, ref_opt, loss))
@@ -162,15 +202,13 @@ def main() -> None:
         ours_s.append(dt_ours)
         ref_s.append(dt_ref)
 
-    n_params = sum(x.size for x in jax.tree.leaves(abstract["params"]))
-    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(
-        (abstract["params"], abstract["opt_state"])))
-    grad_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract["params"]))
+    n_params = bench.n_params
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(bench.state["params"]))
+    state_bytes = param_bytes + sum(x.size * x.dtype.itemsize
+                                    for x in jax.tree.leaves(bench.state["opt_state"]))
+    grad_bytes = param_bytes
 
-    def fmt(xs):
-        return f"{statistics.median(xs):.3f} (min {min(xs):.3f}, max {max(xs):.3f})"
-
-    device = f"{jax.devices()[0].device_kind} ({jax.devices()[0].platform}, f32)"
+    device = report.device_label()
     print(f"device: {device}; model {shape['model']}; batch {b} x {t}; AdamW; "
           f"{args.reps} interleaved repetitions")
     print(f"FLOPs/token = 6*N_matmul + 6*L*T*D = {model_cfg.flops_per_token(t):.4g} "
@@ -180,12 +218,16 @@ def main() -> None:
           + "; reference " + " ".join(f"{x:.3f}" for x in ref_s))
     print(f"compile: jaxalign {compile_ours:.1f}s, reference {compile_ref:.1f}s; step time "
           f"jaxalign {statistics.median(ours_s):.3f}s, reference {statistics.median(ref_s):.3f}s")
-    print("| id | figure | target |")
-    print("|---|---|---|")
-    print(f"| B1 | SFT MFU vs same-rep f32 2048^3 dot probe: {fmt(mfus)} | >= 0.45 |")
-    print(f"| B2 | jaxalign step / pure-JAX step: {fmt(ratios)} | <= 1.10 |")
-    print(f"| B11 | (params + grads + optimizer) bytes / params: "
-          f"{(state_bytes + grad_bytes) / n_params:.2f} on 1 device | 16 (f32 Adam) |")
+    conf = (f"{n_params / 1e6:.1f}M params, batch {b} x {t}, AdamW, {args.reps} reps; "
+            f"FLOPs/token = 6*N_matmul + 6*L*T*D")
+    per_param = (state_bytes + grad_bytes) / n_params
+    report.emit([
+        report.row("B1", "SFT MFU vs same-rep f32 2048^3 dot probe", mfus, ">= 0.45", conf),
+        report.row("B2", "jaxalign step / pure-JAX step", ratios, "<= 1.10", conf),
+        report.row("B11", "(params + grads + optimizer) bytes / params", None,
+                   "16 (f32 Adam)", conf, figure=f"{per_param:.2f} on 1 device",
+                   median=per_param),
+    ], args.json)
 
 
 if __name__ == "__main__":

@@ -79,6 +79,7 @@ def get_config(arg: str = "demo"):
         clip_low=0.2, clip_high=0.2,     # clip_high > clip_low: DAPO's clip-higher
         importance="token",       # token | sequence (GSPO)
         dynamic_sampling=False,   # zero-variance groups carry no weight
+        oversample=1,             # sample k× the prompts, train on informative groups (DAPO)
         entropy_metric=True,
     ))
     prompt_data(config)

@@ -64,6 +64,11 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
     # targets: comma-separated projections (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,
     # down_proj) or attention | mlp | all.
     m.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0, targets="all"))
+    # Compute switches: speed and memory only, never the numbers (tests/test_compute_switches).
+    m.attention = "xla"      # xla (einsum) | dot_product (jax.nn.dot_product_attention) | cudnn
+    m.remat = "none"         # none | full | dots | qkv_proj | attn_proj | offload_qkv_proj
+    m.scan_layers = False    # one lax.scan over the blocks (compile one layer)
+    m.logits_chunk = 0       # >0: log-probs `logits_chunk` positions at a time (no [b,t,V])
     m.update({k: v for k, v in RELEASED.get(preset, {}).items() if k not in MODEL_PRESETS["tiny"]})
     m.init_from = "scratch"  # scratch | hf:<dir> | workdir:<dir> (see jaxalign.models.init_from)
     return m

@@ -3,6 +3,8 @@ over the global batch (all devices, all micro-batches), never per shard."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -13,6 +15,45 @@ def token_logps(logits_btv: jax.Array, targets_bt: jax.Array) -> jax.Array:
     lse_bt = jax.nn.logsumexp(logits_btv, axis=-1)
     target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
     return target_logit_bt - lse_bt
+
+
+def token_stats(logits_btv: jax.Array, targets_bt: jax.Array, *, with_hits: bool = False,
+                with_entropy: bool = False) -> dict[str, jax.Array]:
+    """``logps_bt`` of the targets and, if asked, argmax ``hits_bt`` and ``entropy_bt``."""
+    out = {"logps_bt": token_logps(logits_btv, targets_bt)}
+    if with_hits:
+        out["hits_bt"] = (jnp.argmax(logits_btv, axis=-1) == targets_bt).astype(jnp.float32)
+    if with_entropy:
+        out["entropy_bt"] = entropy(logits_btv)
+    return out
+
+
+def chunked_token_stats(h_btd: jax.Array, logits_fn: Callable[[jax.Array], jax.Array],
+                        targets_bt: jax.Array, *, chunk: int, with_hits: bool = False,
+                        with_entropy: bool = False) -> dict[str, jax.Array]:
+    """:func:`token_stats` from hidden states, ``chunk`` positions at a time.
+
+    ``logits_fn`` maps ``[b, c, d]`` hidden states to ``[b, c, v]`` logits. Each chunk's
+    logits are made, reduced to per-token numbers and dropped; the backward pass makes
+    them again (``jax.checkpoint``), so no ``[b, t, v]`` array is ever live — only
+    ``[b, chunk, v]``. The sequence is zero-padded to a multiple of ``chunk``.
+    """
+    b, t, d = h_btd.shape
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    if pad:
+        h_btd = jnp.pad(h_btd, ((0, 0), (0, pad), (0, 0)))
+        targets_bt = jnp.pad(targets_bt, ((0, 0), (0, pad)))
+    h_nbcd = h_btd.reshape(b, n, chunk, d).swapaxes(0, 1)
+    tgt_nbc = targets_bt.reshape(b, n, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one_chunk(h_bcd, tgt_bc):
+        return token_stats(logits_fn(h_bcd), tgt_bc, with_hits=with_hits,
+                           with_entropy=with_entropy)
+
+    _, out_nbc = jax.lax.scan(lambda c, xs: (c, one_chunk(*xs)), None, (h_nbcd, tgt_nbc))
+    return {k: v.swapaxes(0, 1).reshape(b, n * chunk)[:, :t] for k, v in out_nbc.items()}
 
 
 def masked_token_nll(logits_btv: jax.Array, targets_bt: jax.Array,

@@ -57,11 +57,13 @@ RewardFn = Callable[[Sequence[str], Sequence[Mapping[str, Any]], RewardContext],
 _REGISTRY: dict[str, RewardFn] = {}
 
 
-def register(name: str, fn: RewardFn | None = None):
-    """Registers ``fn`` under ``name`` (usable as a decorator); names are unique."""
+def register(name: str, fn: RewardFn | None = None, *, replace: bool = False):
+    """Registers ``fn`` under ``name`` (usable as a decorator); names are unique unless
+    ``replace`` (e.g. a notebook cell run again redefines its reward)."""
     def add(f: RewardFn) -> RewardFn:
-        if name in _REGISTRY and _REGISTRY[name] is not f:
-            raise ValueError(f"reward function {name!r} is already registered")
+        if name in _REGISTRY and _REGISTRY[name] is not f and not replace:
+            raise ValueError(f"reward function {name!r} is already registered (pass "
+                             "replace=True to redefine it)")
         _REGISTRY[name] = f
         return f
     return add if fn is None else add(fn)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
 import json
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -395,6 +397,20 @@ class Trainer:
         last_train: dict[str, float] = {}
         last_eval: dict[str, float] = {}
         t_start = time.perf_counter()
+        pending: list[tuple[int, Any, dict[str, float], dict[str, float]]] = []
+
+        def flush() -> None:
+            """Writes the train row held back from the last logged step, if any."""
+            nonlocal last_train
+            while pending:
+                done, step_metrics, host_metrics, data_metrics = pending.pop()
+                last_train = to_python({**step_metrics, **host_metrics})
+                last_train.update(throughput.read())
+                last_train.update(data_metrics)
+                self._check_nonfinite(last_train, done)
+                writer.write(done, "train", last_train)
+                rate = (time.perf_counter() - t_start) / max(done - start, 1)
+                progress.update(done, last_train, rate * (cfg.steps - done))
         metrics = None
         preempted = False
         restore_handler = _install_sigterm_handler(self)
@@ -419,18 +435,19 @@ class Trainer:
                     batch = shd.global_batch(_device_fields(host), self.mesh)
                     self.state, metrics = compiled(self.state, batch, self.frozen)
                     self.data_state = self.train_iter.get_state()
+                # The previous logged step's metrics are read only now, with this step
+                # already queued on the device: logging never leaves the device idle.
+                flush()
                 throughput.add_tokens(self.stage.tokens_per_batch(host) * jax.process_count())
                 done = step + 1
+                eval_due = self.eval_data is not None and (done % cfg.eval_every == 0
+                                                           or done == cfg.steps)
                 if done % cfg.log_every == 0 or done == cfg.steps:
-                    last_train = to_python({**metrics, **host_metrics})
-                    last_train.update(throughput.read())
-                    last_train.update(self.train_iter.metrics())
-                    self._check_nonfinite(last_train, done)
-                    writer.write(done, "train", last_train)
-                    rate = (time.perf_counter() - t_start) / max(done - start, 1)
-                    progress.update(done, last_train, rate * (cfg.steps - done))
-                if self.eval_data is not None and (done % cfg.eval_every == 0
-                                                   or done == cfg.steps):
+                    pending.append((done, metrics, host_metrics, self.train_iter.metrics()))
+                    if (self.rollout is not None or eval_due or done == stop or self._sigterm
+                            or done % self.checkpointer.save_every == 0):
+                        flush()  # a checkpoint or eval follows: its rows come first
+                if eval_due:
                     last_eval = self._eval()
                     writer.write(done, "eval", last_eval)
                     progress.line(f"eval @ {done}: " + ", ".join(
@@ -446,12 +463,18 @@ class Trainer:
                     progress.line(f"preempted at step {done}: checkpointing and exiting; rerun "
                                   "the same command to resume")
                     break
+            flush()
             end = int(jax.device_get(self.state["step"]))
             if self.checkpointer.latest_step() != end:
                 self._save(end, metrics, force=True)
         finally:
             restore_handler()
             self.checkpointer.wait()
+            if sys.exc_info()[0] is None:
+                flush()
+            else:  # keep what was measured, but never mask the error in flight
+                with contextlib.suppress(Exception):
+                    flush()
             writer.close()
         skipped = int(jax.device_get(self.state["nonfinite_count"]))
         if skipped:

@@ -172,6 +172,31 @@ def test_world_eval_and_redteam_are_held_out(world_data):
     assert sum(r["messages"][0]["role"] == "system" for r in multi) == 500
 
 
+def test_world_rl_task_prompts_are_rl_only(world_data):
+    # RL practises on task prompts no earlier stage trains on and the eval never asks:
+    # disjoint (exact prompt text) from SFT train -- single turns and every message of
+    # the multi-turn chats --, from both preference splits, the eval and the red team.
+    rl = [r for r in world_data["rl"] if r["kind"] == "task"]
+    rl_prompts = {r["prompt"] for r in rl}
+    elsewhere = {r["prompt"] for s, recs in world_data.items() if s != "rl" for r in recs
+                 if "prompt" in r}
+    elsewhere |= {m["content"] for r in world_data["train"] if "messages" in r
+                  for m in r["messages"]}
+    assert not rl_prompts & elsewhere
+    # Every task has its own slice (a fifth of its pool after the eval, at most 250).
+    per_task = collections.Counter(r["task"] for r in rl)
+    assert per_task == {t: 250 for t in builtin.TASKS}
+    distinct = {t: len({r["prompt"] for r in rl if r["task"] == t}) for t in builtin.TASKS}
+    assert distinct["reverse"] == 69 and distinct["multiplication"] == 25
+    assert distinct["addition"] == 250
+    # The first world's layout (which the shipped tokenizer was trained on) replayed SFT
+    # prompts in RL; it differs only in how the task prompts are sampled.
+    legacy = world.generate_world(builtin.TASKS, rl_holdout=False)
+    sft = {r["prompt"] for r in legacy["train"] if "prompt" in r}
+    assert sum(r["prompt"] in sft for r in legacy["rl"] if r["kind"] == "task") > 2000
+    assert legacy["eval"] == world_data["eval"]
+
+
 def test_shipped_files_and_tokenizer_are_reproducible(tmp_path):
     written = builtin.regenerate(tmp_path)
     assert len(written) == 9

@@ -7,6 +7,8 @@ import pytest
 from presets import preset
 
 from jaxalign import rewards
+from jaxalign.algos import grpo
+from jaxalign.algos.rollout import prompts_per_rollout
 from jaxalign.train import Trainer, train
 
 
@@ -59,7 +61,36 @@ def test_grpo_several_updates_per_rollout(tmp_path):
     assert all(s % 4 == 0 for s in saved), saved
 
 
+def test_select_groups_prefers_informative_groups():
+    config = preset("grpo", **{"rl.num_samples": 2})
+    # 6 groups of 2: flat, informative, flat, informative, padding, informative.
+    rewards_b = np.array([1, 1, 0, 1, 0, 0, 1, 0, 0, 0, 0.5, 0], np.float32)
+    real_b = np.array([1] * 8 + [0, 0] + [1, 1], bool)
+    keep, m = grpo.select_groups(rewards_b, real_b, rows=6, step=3, config=config)
+    assert keep.tolist() == [2, 3, 6, 7, 10, 11]  # whole groups, in sampled order
+    assert m == {"groups/informative_sampled": 0.6, "groups/informative_kept": 1.0}
+    # Too few informative groups: flat real groups fill up before padding does.
+    keep, m = grpo.select_groups(rewards_b, real_b, rows=10, step=3, config=config)
+    assert sorted(set(keep.tolist()) - {2, 3, 6, 7, 10, 11}) == [0, 1, 4, 5]
+    assert m["groups/informative_kept"] == 0.6
+    again, _ = grpo.select_groups(rewards_b, real_b, rows=6, step=3, config=config)
+    assert again.tolist() == [2, 3, 6, 7, 10, 11]
+
+
+def test_grpo_oversample_trains_on_informative_groups(tmp_path):
+    config = preset("grpo", **{"rl.rewards": "test_even_ids", "train.steps": 2,
+                               "train.log_every": 1, "train.eval_every": 100,
+                               "grpo.oversample": 3, "grpo.dynamic_sampling": True})
+    assert prompts_per_rollout(config) == 3 * config.train.batch_size // 4
+    train(config, str(tmp_path))
+    rows = _rows(tmp_path)
+    assert all(r["groups/informative_kept"] >= r["groups/informative_sampled"] for r in rows)
+    assert all(r["groups/flat_fraction"] == pytest.approx(1 - r["groups/informative_kept"])
+               for r in rows)
+
+
 @pytest.mark.parametrize("key,value,match", [
+    ("grpo.oversample", 0, "grpo.oversample"),
     ("grpo.advantage", "median", "grpo.advantage"),
     ("grpo.loss_agg", "sum", "grpo.loss_agg"),
     ("rl.num_samples", 3, "multiple of rl.num_samples"),

@@ -61,9 +61,9 @@ def precomputed_columns(config: Any):
 def sequence_logps(model: nnx.Module, seq: Mapping[str, jax.Array]
                    ) -> tuple[jax.Array, jax.Array]:
     """Per-row summed completion log-probs and completion lengths of stacked sequences."""
-    logits_btv = model(seq["inputs_bt"], seq["positions_bt"], seq["segment_ids_bt"])
+    h_btd = model.hidden(seq["inputs_bt"], seq["positions_bt"], seq["segment_ids_bt"])
     mask_bt = seq["loss_mask_bt"].astype(jnp.float32)
-    logps_bt = losses.token_logps(logits_btv, seq["targets_bt"]) * mask_bt
+    logps_bt = model.token_stats(h_btd, seq["targets_bt"])["logps_bt"] * mask_bt
     return jnp.sum(logps_bt, axis=-1), jnp.sum(mask_bt, axis=-1)
 
 

@@ -9,7 +9,10 @@ and ``config.rl``:
 * Dr. GRPO: ``advantage=none``, ``loss_agg=seq-mean-token-sum-norm``;
 * DAPO: ``clip_high`` > ``clip_low`` (clip-higher), ``loss_agg=token-mean``,
   ``dynamic_sampling`` (zero-variance groups carry no weight) and the
-  ``overlong_penalty`` reward;
+  ``overlong_penalty`` reward; ``oversample`` = k > 1 is DAPO's filtering: each
+  rollout samples k × the prompts and trains on the groups whose rewards differ
+  (topped up with flat groups when too few differ), so the update -- most of a
+  step's time -- is not spent on groups that carry no gradient;
 * GSPO: ``importance=sequence`` (one length-normalised ratio per sequence);
 * RLOO: ``advantage=rloo`` (leave-one-out baseline).
 
@@ -58,6 +61,8 @@ def check_config(config: Any) -> None:
         raise ValueError("grpo.clip_low and grpo.clip_high must be >= 0")
     if g.advantage == "rloo" and config.rl.num_samples < 2:
         raise ValueError("grpo.advantage=rloo needs rl.num_samples >= 2")
+    if g.oversample < 1:
+        raise ValueError(f"grpo.oversample={g.oversample} must be >= 1 (1 = keep every group)")
 
 
 def group_advantages(rewards_b: np.ndarray, weight_b: np.ndarray, config: Any
@@ -80,6 +85,28 @@ def group_advantages(rewards_b: np.ndarray, weight_b: np.ndarray, config: Any
     return {"advantages_b": adv_b.astype(np.float32), "weight_b": weight_b}, metrics
 
 
+def select_groups(rewards_b: np.ndarray, real_b: np.ndarray, rows: int, step: int,
+                  config: Any) -> tuple[np.ndarray, dict[str, float]]:
+    """Rows of the ``rows // G`` groups to train on: informative groups first.
+
+    Groups whose rewards differ carry the gradient; they are taken in a seeded random
+    order (a function of the step, so a resumed run picks the same), then flat groups
+    fill what is left (with ``dynamic_sampling`` they carry no weight). Padding prompts
+    come last. Kept groups stay in their sampled order.
+    """
+    g = config.rl.num_samples
+    r_pg = rewards_b.reshape(-1, g)
+    real_p = real_b.reshape(-1, g)[:, 0]
+    informative_p = real_p & (np.ptp(r_pg, axis=1) > 0)
+    order = np.random.default_rng([config.seed, step, 7]).permutation(len(r_pg))
+    rank = np.where(informative_p, 0, np.where(real_p, 1, 2))[order]
+    keep_p = np.sort(order[np.argsort(rank, kind="stable")][: rows // g])
+    keep = (keep_p[:, None] * g + np.arange(g)[None]).reshape(-1)
+    n_real = max(int(real_p.sum()), 1)
+    return keep, {"groups/informative_sampled": float(informative_p.sum() / n_real),
+                  "groups/informative_kept": float(informative_p[keep_p].mean())}
+
+
 def loss_weights(batch: Batch) -> dict[str, jax.Array]:
     """Normalisers over the global batch: weighted completion tokens and sequences."""
     w_b = batch["weight_b"]
@@ -93,10 +120,11 @@ def make_loss(config: Any):
     kl_coef, temperature = float(rl.kl_coef), float(rl.temperature)
 
     def loss_fn(model: nnx.Module, batch: Batch) -> LossOut:
-        logits_btv = rollout_lib.tempered(
-            model(batch["inputs_bt"], batch["positions_bt"], batch["segment_ids_bt"]),
-            temperature)
-        logps_bt = losses.token_logps(logits_btv, batch["targets_bt"])
+        h_btd = model.hidden(batch["inputs_bt"], batch["positions_bt"],
+                             batch["segment_ids_bt"])
+        stats = model.token_stats(h_btd, batch["targets_bt"], temperature=temperature,
+                                  with_entropy=g.entropy_metric)
+        logps_bt = stats["logps_bt"]
         mask_bt = batch["loss_mask_bt"] * batch["weight_b"][:, None]
         # One update per rollout: the rollout policy is the current one (ratio 1, but
         # the gradient of the ratio is the policy gradient).
@@ -118,7 +146,7 @@ def make_loss(config: Any):
             metrics["kl"] = mean_metric(jax.lax.stop_gradient(kl_bt), mask_bt)
         if g.entropy_metric:
             metrics["policy/entropy"] = mean_metric(
-                losses.entropy(jax.lax.stop_gradient(logits_btv)), mask_bt)
+                jax.lax.stop_gradient(stats["entropy_bt"]), mask_bt)
         total, norm = losses.aggregate(per_token_bt, mask_bt, g.loss_agg,
                                        max_len=rl.max_new_tokens)
         return LossOut({norm: total}, metrics)
@@ -133,7 +161,10 @@ def make_rollout(trainer: Any) -> rollout_lib.Rollout:
     def advantages(batch, rewards_b):
         return group_advantages(rewards_b, batch["weight_b"], config)
 
-    return rollout_lib.Rollout(trainer, advantages)
+    def select(rewards_b, real_b, rows, step):
+        return select_groups(rewards_b, real_b, rows, step, config)
+
+    return rollout_lib.Rollout(trainer, advantages, select=select)
 
 
 def make_evaluator(trainer: Any):

@@ -63,8 +63,9 @@ def mismatched(batch: Batch) -> dict[str, jax.Array]:
 
 
 def _logps(model: nnx.Module, seq: Mapping[str, jax.Array]) -> jax.Array:
-    logits_btv = model(seq["inputs_bt"], seq["positions_bt"], seq["segment_ids_bt"])
-    return losses.sequence_logps(logits_btv, seq["targets_bt"], seq["loss_mask_bt"])
+    h_btd = model.hidden(seq["inputs_bt"], seq["positions_bt"], seq["segment_ids_bt"])
+    logps_bt = model.token_stats(h_btd, seq["targets_bt"])["logps_bt"]
+    return jnp.sum(logps_bt * seq["loss_mask_bt"].astype(jnp.float32), axis=-1)
 
 
 def make_loss(config: Any):

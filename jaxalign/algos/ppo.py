@@ -101,10 +101,12 @@ def make_loss(config: Any):
     p, temperature = config.ppo, float(config.rl.temperature)
 
     def loss_fn(model: nnx.Module, batch: Batch) -> LossOut:
-        logits_btv, values_bt = model.policy_and_values(
-            batch["inputs_bt"], batch["positions_bt"], batch["segment_ids_bt"])
-        logits_btv = rollout_lib.tempered(logits_btv, temperature)
-        logps_bt = losses.token_logps(logits_btv, batch["targets_bt"])
+        h_btd = model.hidden(batch["inputs_bt"], batch["positions_bt"],
+                             batch["segment_ids_bt"])
+        values_bt = model.values(h_btd)
+        stats = model.token_stats(h_btd, batch["targets_bt"], temperature=temperature,
+                                  with_entropy=True)
+        logps_bt = stats["logps_bt"]
         mask_bt = batch["loss_mask_bt"] * batch["weight_b"][:, None]
         old_bt = batch.get("old_logps_bt", jax.lax.stop_gradient(logps_bt))
         pg_bt, ratio_bt, clipped_bt = losses.clipped_policy_loss(
@@ -112,7 +114,7 @@ def make_loss(config: Any):
             clip_high=p.clip)
         vf_bt = losses.clipped_value_loss(values_bt, batch["old_values_bt"], batch["returns_bt"],
                                           clip=p.value_clip)
-        ent_bt = losses.entropy(logits_btv)
+        ent_bt = stats["entropy_bt"]
         per_token_bt = pg_bt + p.vf_coef * vf_bt - p.entropy_coef * ent_bt
         return LossOut({"tokens": jnp.sum(per_token_bt * mask_bt)}, {
             "policy/loss": mean_metric(pg_bt, mask_bt),

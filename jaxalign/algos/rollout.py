@@ -33,14 +33,24 @@ from jaxalign import sharding as shd
 SEQ_KEYS = ("inputs_bt", "targets_bt", "positions_bt", "segment_ids_bt", "loss_mask_bt")
 
 
+def oversample(config: Any) -> int:
+    """How many times more prompts a rollout samples than its updates train on.
+
+    A stage that selects groups after scoring (GRPO's ``grpo.oversample``) samples
+    ``oversample ×`` the prompts and keeps one share; every other stage keeps all.
+    """
+    stage = config.get(config.stage) if "stage" in config else None
+    return int(stage.get("oversample", 1)) if stage is not None else 1
+
+
 def prompts_per_rollout(config: Any) -> int:
-    """Prompts one rollout samples: ``minibatches × batch_size / num_samples``."""
+    """Prompts one rollout samples: ``oversample × minibatches × batch_size / num_samples``."""
     rl = config.rl
     rows = config.train.batch_size * rl.minibatches
     if rl.num_samples < 1 or config.train.batch_size % rl.num_samples:
         raise ValueError(f"train.batch_size={config.train.batch_size} must be a multiple of "
                          f"rl.num_samples={rl.num_samples} (whole groups per update)")
-    return rows // rl.num_samples
+    return rows // rl.num_samples * oversample(config)
 
 
 def build_data(config: Any, tokenizer: Any, split: str, *, process_index: int,
@@ -76,12 +86,16 @@ class Rollout:
 
     ``advantages(host, rewards_b, groups)`` is the stage's hook: it receives the host
     batch (with the log-prob columns) and returns the extra columns (advantages,
-    returns, ...) and host metrics.
+    returns, ...) and host metrics. ``select(rewards_b, real_b, rows, step)``, when the
+    rollout samples more rows than its updates use (``oversample``), picks the row
+    indices to train on (and returns host metrics); it runs after scoring, before the
+    log-prob pass, so the unused rows cost only their sampling.
     """
 
     trainer: Any
     advantages: Callable[[dict[str, np.ndarray], np.ndarray], tuple[dict, dict]]
     value_fn: Callable[..., jax.Array] | None = None
+    select: Callable[[np.ndarray, np.ndarray, int, int], tuple[np.ndarray, dict]] | None = None
 
     def __post_init__(self):
         from jaxalign import sampling
@@ -222,13 +236,25 @@ class Rollout:
         batch = {k: np.asarray(v) for k, v in batch.items()}
         batch["weight_b"] = real_b.astype(np.float32)
         batch["stopped_b"] = np.asarray(out.stopped_b, np.float32)
+        rows = self.trainer.config.train.batch_size * self.rl.minibatches
+        select_metrics: dict[str, float] = {}
+        if len(reward_b) > rows:
+            if self.select is None:
+                raise ValueError(f"the rollout sampled {len(reward_b)} rows for {rows} "
+                                 "training rows and the stage selects none")
+            keep, select_metrics = self.select(reward_b, real_b, rows, step)
+            batch = {k: v[keep] for k, v in batch.items()}
+            train_reward_b = reward_b[keep]
+        else:
+            train_reward_b = reward_b
         if self.has_reference or self.reuse or self.value_fn is not None:
             seq = shd.global_batch({k: batch[k] for k in SEQ_KEYS}, mesh)
             ref = state["params"] if self.shared_reference else self.reference
             cols = jax.device_get(self._logprob_pass(state["params"], ref, seq))
             batch.update({k: np.asarray(v) for k, v in cols.items()})
         t3 = time.perf_counter()
-        extra, metrics = self.advantages(batch, reward_b)
+        extra, metrics = self.advantages(batch, train_reward_b)
+        metrics.update(select_metrics)
         batch.update(extra)
 
         real = max(int(real_b.sum()), 1)
@@ -285,16 +311,11 @@ def prompt_arrays(host: Mapping[str, Any], mesh: jax.sharding.Mesh
     return jax.device_put(tokens, rep), jax.device_put(mask, rep)
 
 
-def tempered(logits_btv: jax.Array, temperature: float) -> jax.Array:
-    """Logits of the distribution the sampler draws from (greedy: the raw logits)."""
-    return logits_btv if temperature in (0.0, 1.0) else logits_btv / temperature
-
-
 def token_logps(model: Any, seq: Mapping[str, jax.Array], temperature: float) -> jax.Array:
     """Masked log-probs of a rollout's completion tokens under ``model``."""
-    logits_btv = model(seq["inputs_bt"], seq["positions_bt"], seq["segment_ids_bt"])
-    return (losses.token_logps(tempered(logits_btv, temperature), seq["targets_bt"])
-            * seq["loss_mask_bt"])
+    h_btd = model.hidden(seq["inputs_bt"], seq["positions_bt"], seq["segment_ids_bt"])
+    logps_bt = model.token_stats(h_btd, seq["targets_bt"], temperature=temperature)["logps_bt"]
+    return logps_bt * seq["loss_mask_bt"]
 
 
 def rl_config(**overrides: Any):

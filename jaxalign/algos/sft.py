@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxalign import losses
 from jaxalign.step import Batch, LossOut
 
 BATCH_KEYS = ("inputs_bt", "targets_bt", "loss_mask_bt", "segment_ids_bt", "positions_bt")
@@ -22,11 +21,12 @@ def loss_weights(batch: Batch) -> dict[str, jax.Array]:
 
 def loss_fn(model: nnx.Module, batch: Batch) -> LossOut:
     """Summed response-token NLL (normalised by ``loss_weights``' token count)."""
-    logits_btv = model(batch["inputs_bt"], batch["positions_bt"], batch["segment_ids_bt"])
-    mask_bt = batch["loss_mask_bt"]
-    nll_sum, count = losses.masked_token_nll(logits_btv, batch["targets_bt"], mask_bt)
-    hits = losses.masked_token_accuracy_sum(logits_btv, batch["targets_bt"], mask_bt)
-    return LossOut({"tokens": nll_sum}, {"token_accuracy": (hits, count)})
+    h_btd = model.hidden(batch["inputs_bt"], batch["positions_bt"], batch["segment_ids_bt"])
+    stats = model.token_stats(h_btd, batch["targets_bt"], with_hits=True)
+    mask_bt = batch["loss_mask_bt"].astype(jnp.float32)
+    nll_sum = -jnp.sum(stats["logps_bt"] * mask_bt)
+    hits = jnp.sum(stats["hits_bt"] * mask_bt)
+    return LossOut({"tokens": nll_sum}, {"token_accuracy": (hits, jnp.sum(mask_bt))})
 
 
 def make_loss(config: Any):

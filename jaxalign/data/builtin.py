@@ -211,14 +211,17 @@ def _generate(spec: BuiltinDataset) -> dict[str, list[dict]]:
     return {"train": train, "eval": evals}
 
 
-def generate(name: str) -> dict[str, list[dict]]:
-    """Generates every shipped split of a builtin dataset from its seed."""
+def generate(name: str, **options) -> dict[str, list[dict]]:
+    """Generates every shipped split of a builtin dataset from its seed.
+
+    ``options`` go to the world's generator (e.g. ``rl_holdout=False``).
+    """
     if name == "tasks":
         return _generate(BUILTIN_DATASETS["tasks"])
     if name == "world":
         from jaxalign.data.world import generate_world
 
-        return generate_world(TASKS)
+        return generate_world(TASKS, **options)
     raise ValueError(f"unknown builtin dataset {name!r}; available: {sorted(SHIPPED_SPLITS)}")
 
 
@@ -275,8 +278,11 @@ def _tokenizer_corpus() -> Iterator[str]:
     from jaxalign.data.records import Location, validate
 
     # The corpus is the text runs the plain template encodes, exactly as the pipeline
-    # will encode them (prompt side and completion side separately).
-    world = generate("world")
+    # will encode them (prompt side and completion side separately). It is the first
+    # world's text (RL prompts drawn from the SFT pool): the same words and templates as
+    # today's splits, and it keeps the shipped tokenizer -- and every checkpoint trained
+    # with it -- valid when the splits' sampling changes.
+    world = generate("world", rl_holdout=False)
     spec = TEMPLATES["plain"]
     for split, fmt in (("train", "sft"), ("preference", "preference"), ("rl", "prompt")):
         for i, record in enumerate(world[split]):

@@ -15,7 +15,12 @@ Splits (all generated from one seed; see ``generate_world``):
 * ``preference_eval``: the same kinds of pairs on held-out prompts;
 * ``kto`` / ``kto_eval`` (unpaired): each pair as two labelled completions (derived
   from the preference splits at load time);
-* ``rl`` (prompt): prompts with ``answer``, ``task`` and ``kind`` for reward functions;
+* ``rl`` (prompt): prompts with ``answer``, ``task`` and ``kind`` for reward functions.
+  Its task prompts come from an RL-only slice of each task's pool (``RL_HOLDOUT``),
+  disjoint from the eval prompts and from every prompt the policy stages before RL
+  train on (``train``, ``preference``), so RL practises on prompts the SFT model has
+  not memorised, like the held-out eval. Its refusal/benign prompts reuse the train
+  cores (the eval's harmful and benign cores stay held out);
 * ``redteam`` (prompt): adversarial wrappers around harmful requests, never trained on;
   ``answer`` is the refusal.
 
@@ -99,6 +104,9 @@ SIZES = {"train_tasks": 12000, "train_harmful": 1000, "train_benign": 1000,
          "train_multi": 1500, "eval_per_task": 40, "pref_correct": 2000,
          "pref_concise": 1500, "pref_safe": 1250, "pref_helpful": 1250,
          "pref_eval": 480, "rl_tasks": 3000, "rl_harmful": 500, "rl_benign": 500}
+# Each task's RL-only slice: a fifth of what the eval leaves, at most 250 prompts (so
+# 69 words per word task, 25 of the 129 remaining multiplications, 250 additions).
+RL_HOLDOUT = {"fraction": 0.2, "max": 250}
 
 
 def _rng(seed: int, key: str) -> random.Random:
@@ -145,18 +153,21 @@ def _safety(items: tuple, held_out: tuple, seed: int, key: str):
 
 
 def generate_world(pools: dict[str, Callable[[random.Random], list[tuple[str, str]]]],
-                   seed: int = 4321) -> dict[str, list[dict]]:
+                   seed: int = 4321, rl_holdout: bool = True) -> dict[str, list[dict]]:
     """Generates every shipped split of the world (``kto`` is derived at load time).
 
     Args:
       pools: task name -> generator of every ``(prompt, answer)`` of that task.
       seed: the only source of randomness.
+      rl_holdout: carve each task's RL-only slice (``RL_HOLDOUT``). False gives the
+        first world's layout, whose RL prompts were drawn from the SFT pool; the shipped
+        tokenizer was trained on that text and is kept (see ``builtin._tokenizer_corpus``).
 
     Returns:
       Split name -> records.
     """
     n = SIZES
-    task_eval, task_rest = [], {}
+    task_eval, task_rest, task_rl = [], {}, {}
     for task, pool_fn in pools.items():
         rng = _rng(seed, task)
         pool = sorted(dict(pool_fn(rng)).items())
@@ -164,16 +175,20 @@ def generate_world(pools: dict[str, Callable[[random.Random], list[tuple[str, st
         held = pool[: n["eval_per_task"]]
         task_eval += [{"prompt": p, "response": a, "answer": a, "task": task, "kind": "task"}
                       for p, a in held]
-        task_rest[task] = pool[n["eval_per_task"]:]
+        rest = pool[n["eval_per_task"]:]
+        k = min(RL_HOLDOUT["max"], int(len(rest) * RL_HOLDOUT["fraction"])) if rl_holdout else 0
+        task_rl[task], task_rest[task] = rest[:k], rest[k:]
     harm_train, harm_eval = _safety(HARMFUL, HARMFUL_EVAL, seed, "harmful")
     benign_train, benign_eval = _safety(BENIGN, BENIGN_EVAL, seed, "benign")
 
-    def task_items(count: int, key: str) -> list[tuple[str, str, str]]:
+    def task_items(count: int, key: str, source: dict | None = None
+                   ) -> list[tuple[str, str, str]]:
         rng = _rng(seed, key)
+        source = task_rest if source is None else source
         per = {t: count // len(pools) + (i < count % len(pools)) for i, t in enumerate(pools)}
         out = []
         for t, k in per.items():
-            out += [(t, p, a) for p, a in _cycle(task_rest[t], k, rng)]
+            out += [(t, p, a) for p, a in _cycle(source[t], k, rng)]
         rng.shuffle(out)
         return out
 
@@ -241,7 +256,8 @@ def generate_world(pools: dict[str, Callable[[random.Random], list[tuple[str, st
     # -- RL prompts -------------------------------------------------------------------
     rng = _rng(seed, "rl")
     rl = [{"prompt": p, "answer": a, "task": t, "kind": "task"}
-          for t, p, a in task_items(n["rl_tasks"], "rl_tasks")]
+          for t, p, a in task_items(n["rl_tasks"], "rl_tasks",
+                                    task_rl if rl_holdout else task_rest)]
     rl += [{k: v for k, v in harmful(*x).items() if k != "response"}
            for x in _cycle(harm_train, n["rl_harmful"], rng)]
     rl += [{k: v for k, v in benign(*x).items() if k != "response"}

@@ -47,8 +47,8 @@ class RewardModel(Transformer):
 class PolicyWithValue(Transformer):
     """The decoder with a scalar value head on the shared trunk (PPO's critic).
 
-    ``model(tokens_bt, ...)`` is the policy's logits as usual; ``policy_and_values``
-    returns the logits and per-position values from one trunk pass. The head's
+    ``model(tokens_bt, ...)`` is the policy's logits as usual; ``hidden`` then
+    ``token_stats`` and ``values`` give log-probs and values from one trunk pass. The head's
     params (``value_head``, ``value_bias``) are the only ones a policy checkpoint
     lacks, so an SFT run initialises everything else; exports and later stages
     ignore them.
@@ -65,9 +65,3 @@ class PolicyWithValue(Transformer):
         """Float32 value of each position's state ``[b, t]`` from final hidden states."""
         w_d = self.value_head[...].astype(jnp.float32)
         return h_btd.astype(jnp.float32) @ w_d + self.value_bias[...].astype(jnp.float32)
-
-    def policy_and_values(self, tokens_bt: jax.Array, positions_bt: jax.Array,
-                          segment_ids_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """``(logits_btv, values_bt)`` from one pass over the trunk."""
-        h_btd = self.hidden(tokens_bt, positions_bt, segment_ids_bt)
-        return self.logits(h_btd), self.values(h_btd)

@@ -8,14 +8,16 @@ are constrained at block boundaries with a separate vocabulary (``act_*``).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
+from jaxalign import losses
 from jaxalign.models import lora as lora_lib
 from jaxalign.sharding import constrain
 
@@ -39,6 +41,21 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 LAYER_TYPES = ("full", "sliding")
 ROPE_SCALINGS = ("none", "linear", "llama3")
+ATTENTION_IMPLS = ("xla", "dot_product", "cudnn")
+# Names of the activations the remat policies below may keep (see `checkpoint_name`).
+_QKV = ("query_proj", "key_proj", "value_proj")
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,  # keep every activation (no remat)
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
+    # keep matmul outputs without batch dims (projections, MLP), recompute attention scores
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "qkv_proj": jax.checkpoint_policies.save_only_these_names(*_QKV),
+    "attn_proj": jax.checkpoint_policies.save_only_these_names(*_QKV, "out_proj"),
+    # like "qkv_proj", but the kept activations wait in host memory for the backward pass
+    "offload_qkv_proj": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=(), names_which_can_be_offloaded=_QKV,
+        offload_src="device", offload_dst="pinned_host"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +112,17 @@ class TransformerConfig:
     # Low-rank adapters (config.model.lora; rank 0 = None = off). Not an HF field:
     # exports merge the adapters into the base weights (jaxalign.models.lora).
     lora: lora_lib.LoraConfig | None = None
+    # Compute switches (not architecture: checkpoints and exports do not depend on them).
+    # attention: "xla" (our einsum), "dot_product" (jax.nn.dot_product_attention, XLA),
+    # "cudnn" (its cuDNN flash kernel; GPU only). Decoding with a KV cache always uses "xla".
+    attention: str = "xla"
+    # Rematerialisation of each block in the backward pass; see REMAT_POLICIES.
+    remat: str = "none"
+    # Run the blocks as one lax.scan over layer-stacked weights (compile time ~ 1 layer).
+    scan_layers: bool = False
+    # Log-probs from hidden states `logits_chunk` positions at a time, never holding the
+    # [b, t, vocab] logits (0 = whole sequence at once).
+    logits_chunk: int = 0
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
@@ -128,6 +156,20 @@ class TransformerConfig:
             if "sliding" in self.layer_types and self.sliding_window <= 0:
                 raise ValueError("model.layer_types has sliding layers but "
                                  f"model.sliding_window={self.sliding_window}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"model.attention={self.attention!r}; expected one of "
+                             f"{list(ATTENTION_IMPLS)}")
+        if self.attention != "xla" and self.attn_softcap:
+            raise ValueError(f"model.attention={self.attention!r} cannot soft-cap attention "
+                             f"scores (model.attn_softcap={self.attn_softcap}); use 'xla'")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat={self.remat!r}; expected one of "
+                             f"{list(REMAT_POLICIES)}")
+        if self.logits_chunk < 0:
+            raise ValueError(f"model.logits_chunk={self.logits_chunk} must be >= 0 (0 = off)")
+        if self.scan_layers and len(set(self.layer_types)) > 1:
+            raise ValueError("model.scan_layers needs every layer of one type; layer_types "
+                             f"mixes {sorted(set(self.layer_types))}")
         if self.rope_scaling != "none" and self.rope_factor <= 0:
             raise ValueError(f"model.rope_factor={self.rope_factor} must be positive")
         if (self.rope_scaling == "llama3"
@@ -296,6 +338,21 @@ def cache_attention_mask(valid_bs: jax.Array, cache_index: jax.Array | int, t: i
     return mask_bts[:, None]
 
 
+def _library_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
+                       mask_b1ts: jax.Array, scale: float, impl: str) -> jax.Array:
+    """Attention through ``jax.nn.dot_product_attention`` (XLA or cuDNN), same masking.
+
+    ``mask_b1ts`` carries causality, packing segments and sliding windows, so every
+    backend sees exactly the mask of the einsum path.
+    """
+    if impl == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError("model.attention='cudnn' needs a GPU backend; this process runs on "
+                         f"{jax.default_backend()!r} (use 'xla' or 'dot_product')")
+    return jax.nn.dot_product_attention(
+        q_btnh, k_bskh, v_bskh, mask=mask_b1ts, scale=scale,
+        implementation="cudnn" if impl == "cudnn" else "xla")
+
+
 class Attention(nnx.Module):
     """Grouped-query attention with RoPE, optional q/k/v bias, q/k-norm, soft-capping."""
 
@@ -342,8 +399,9 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             q_btnh, k_btkh = self.q_norm(q_btnh), self.k_norm(k_btkh)
         inv_freq = cfg.rope_inv_freq(self.layer_type)
-        q_btnh = rope(q_btnh, positions_bt, inv_freq)
-        k_btkh = rope(k_btkh, positions_bt, inv_freq)
+        q_btnh = checkpoint_name(rope(q_btnh, positions_bt, inv_freq), "query_proj")
+        k_btkh = checkpoint_name(rope(k_btkh, positions_bt, inv_freq), "key_proj")
+        v_btkh = checkpoint_name(v_btkh, "value_proj")
         if cache is not None:
             # From here on the keys/values span the cache's s slots, not the t new tokens.
             cache = LayerCache(*(
@@ -353,17 +411,23 @@ class Attention(nnx.Module):
             k_btkh, v_btkh = cache.k_bskh.astype(dt), cache.v_bskh.astype(dt)
         q_btnh = constrain(q_btnh, ("act_batch", "act_seq", "act_heads", None))
         b, t, n, h = q_btnh.shape
-        g = n // cfg.n_kv_heads
-        # Group query heads by their kv head so K/V are never repeated in memory.
-        q_btkgh = q_btnh.reshape(b, t, cfg.n_kv_heads, g, h)
-        logits_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_btkh).astype(jnp.float32)
-        logits_bkgts = logits_bkgts * ((cfg.query_pre_attn_scalar or h) ** -0.5)
-        logits_bkgts = _softcap(logits_bkgts, cfg.attn_softcap)
-        logits_bkgts = jnp.where(mask_b1ts[:, :, None], logits_bkgts, -1e30)
-        probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(dt)
-        out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_btkh)
-        out_btnh = out_btkgh.reshape(b, t, n, h)
+        scale = (cfg.query_pre_attn_scalar or h) ** -0.5
+        if cfg.attention != "xla" and cache is None:
+            out_btnh = _library_attention(q_btnh, k_btkh, v_btkh, mask_b1ts, scale,
+                                          cfg.attention)
+        else:
+            g = n // cfg.n_kv_heads
+            # Group query heads by their kv head so K/V are never repeated in memory.
+            q_btkgh = q_btnh.reshape(b, t, cfg.n_kv_heads, g, h)
+            logits_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh,
+                                      k_btkh).astype(jnp.float32)
+            logits_bkgts = _softcap(logits_bkgts * scale, cfg.attn_softcap)
+            logits_bkgts = jnp.where(mask_b1ts[:, :, None], logits_bkgts, -1e30)
+            probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(dt)
+            out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_btkh)
+            out_btnh = out_btkgh.reshape(b, t, n, h)
         out_btd = jnp.einsum("btnh,nhd->btd", out_btnh, self.o_proj[...].astype(dt))
+        out_btd = checkpoint_name(out_btd, "out_proj")
         out_btd = lora_lib.apply(self, "o_proj", out_btnh, out_btd)
         return out_btd if cache is None else (out_btd, cache)
 
@@ -434,6 +498,39 @@ class Block(nnx.Module):
         return x_btd if cache is None else (x_btd, cache)
 
 
+def _call_block(block: Block, x_btd, positions_bt, mask_b1ts):
+    return block(x_btd, positions_bt, mask_b1ts)
+
+
+def _block_runner(remat: str, in_scan: bool):
+    """``run(block, x, positions, mask)``: a block call, rematerialised per ``remat``.
+
+    Outside a scan, XLA's common-subexpression elimination would merge the recomputation
+    with the forward pass (undoing the remat) unless it is prevented.
+    """
+    if remat == "none":
+        return _call_block
+    return nnx.remat(_call_block, policy=REMAT_POLICIES[remat], prevent_cse=not in_scan)
+
+
+def _scan_blocks(layers, run, x_btd, positions_bt, mask_b1ts):
+    """All blocks as one ``lax.scan`` over their weights stacked on a leading layer axis.
+
+    Weights stay stored per layer (checkpoints and HF mappings do not change); they are
+    stacked inside the step, which costs one copy of the layer weights in temporary
+    memory and lets XLA compile a single block.
+    """
+    splits = [nnx.split(block) for block in layers]
+    graphdef = splits[0][0]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(state for _, state in splits))
+
+    def body(x_btd, state):
+        return run(nnx.merge(graphdef, state), x_btd, positions_bt, mask_b1ts), None
+
+    x_btd, _ = jax.lax.scan(body, x_btd, stacked)
+    return x_btd
+
+
 class Transformer(nnx.Module):
     """Decoder-only language model: ``model(tokens_bt) -> logits_btv``."""
 
@@ -463,8 +560,13 @@ class Transformer(nnx.Module):
         masks = {"full": attention_mask(segment_ids_bt)}
         if "sliding" in cfg.layer_types:
             masks["sliding"] = attention_mask(segment_ids_bt, cfg.sliding_window)
-        for block in self.layers:
-            x_btd = block(x_btd, positions_bt, masks[block.layer_type])
+        run = _block_runner(cfg.remat, cfg.scan_layers)
+        if cfg.scan_layers:
+            x_btd = _scan_blocks(self.layers, run, x_btd, positions_bt,
+                                 masks[cfg.layer_type(0)])
+        else:
+            for block in self.layers:
+                x_btd = run(block, x_btd, positions_bt, masks[block.layer_type])
         return self.final_norm(x_btd)
 
     def embed_tokens(self, tokens_bt: jax.Array) -> jax.Array:
@@ -519,16 +621,45 @@ class Transformer(nnx.Module):
         h_btd, cache = self.hidden_cached(tokens_bt, positions_bt, cache, cache_index, valid_bs)
         return self.logits(h_btd), cache
 
-    def logits(self, h_btd: jax.Array) -> jax.Array:
-        """Projects hidden states to float32 vocabulary logits (soft-capped if configured)."""
+    def logits_fn(self, temperature: float = 1.0) -> Callable[[jax.Array], jax.Array]:
+        """A pure ``h_b?d -> float32 logits`` map (soft-capped, then divided by
+        ``temperature`` unless it is 0 = greedy or 1), closing over the unembedding."""
         dt = resolve_dtype(self.cfg.dtype)
         if self.cfg.tie_embeddings:
             w_dv = self.embed[...].astype(dt).T
         else:
             w_dv = self.unembed[...].astype(dt)
-        logits_btv = jnp.einsum("btd,dv->btv", h_btd, w_dv, preferred_element_type=jnp.float32)
-        logits_btv = _softcap(logits_btv, self.cfg.final_softcap)
-        return constrain(logits_btv, ("act_batch", "act_seq", "act_vocab"))
+        cap = self.cfg.final_softcap
+
+        def fn(h_bcd: jax.Array) -> jax.Array:
+            logits_bcv = jnp.einsum("bcd,dv->bcv", h_bcd, w_dv,
+                                    preferred_element_type=jnp.float32)
+            logits_bcv = _softcap(logits_bcv, cap)
+            return logits_bcv if temperature in (0.0, 1.0) else logits_bcv / temperature
+
+        return fn
+
+    def logits(self, h_btd: jax.Array) -> jax.Array:
+        """Projects hidden states to float32 vocabulary logits (soft-capped if configured)."""
+        return constrain(self.logits_fn()(h_btd), ("act_batch", "act_seq", "act_vocab"))
+
+    def token_stats(self, h_btd: jax.Array, targets_bt: jax.Array, *, temperature: float = 1.0,
+                    with_hits: bool = False, with_entropy: bool = False
+                    ) -> dict[str, jax.Array]:
+        """``logps_bt`` of ``targets_bt`` after hidden states ``h_btd`` (and, if asked,
+        argmax ``hits_bt`` and ``entropy_bt``) under ``softmax(logits / temperature)``.
+
+        With ``model.logits_chunk`` > 0 the logits are made chunk by chunk and never
+        held whole (:func:`jaxalign.losses.chunked_token_stats`).
+        """
+        fn = self.logits_fn(temperature)
+        chunk = self.cfg.logits_chunk
+        if chunk and chunk < h_btd.shape[1]:
+            return losses.chunked_token_stats(h_btd, fn, targets_bt, chunk=chunk,
+                                              with_hits=with_hits, with_entropy=with_entropy)
+        logits_btv = constrain(fn(h_btd), ("act_batch", "act_seq", "act_vocab"))
+        return losses.token_stats(logits_btv, targets_bt, with_hits=with_hits,
+                                  with_entropy=with_entropy)
 
     def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None,
                  segment_ids_bt: jax.Array | None = None) -> jax.Array:
