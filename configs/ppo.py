@@ -37,5 +37,9 @@ def get_config(arg: str = "demo"):
         config.rl.rewards = "rm:runs/rm-demo"
         config.rl.max_new_tokens = 12
         config.ppo.kl_target = 2.0
+        # 40 rollouts of 128 rows: β may move up to ±13% per rollout (a 10k-sample
+        # horizon would leave it fixed over so short a run and let the KL overshoot).
+        config.ppo.kl_horizon = 200.0
+        config.rl.kl_coef = 0.1
     config.lock()
     return config
