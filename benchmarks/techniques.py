@@ -168,7 +168,7 @@ def main() -> None:
                           f"AdamW update {b3_mem:.2f}x less ({scan.temp_bytes / 1e6:.1f} -> "
                           f"{remat.temp_bytes / 1e6:.1f} MB)",
                    temp_ratio=b3_act, step_temp_ratio=b3_mem),
-        report.row("B3", "logits_chunk=64 / full logits: step time", ratios["logits_chunk=64"],
+        report.row("switch", "logits_chunk=64 / full logits: step time", ratios["logits_chunk=64"],
                    "report", conf,
                    figure=f"time {report.fmt(ratios['logits_chunk=64'])}; temp memory "
                           f"{chunk_mem:.2f}x less", temp_ratio=chunk_mem),

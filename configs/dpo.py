@@ -29,8 +29,12 @@ def get_config(arg: str = "demo"):
         loss_type="sigmoid", beta=0.1, label_smoothing=0.0, discopop_tau=0.05, simpo_gamma=0.5,
         rpo_alpha=0.0, reference="in_step"))
     preference_data(config)
-    preference_preset(config, arg, demo_steps=200, demo_lr=5e-4)
+    # demo: held-out implicit accuracy is flat after ~100 steps; beta 0.3 matches beta 0.1's
+    # accuracy (0.90) in half the steps and costs fewer points of greedy task accuracy.
+    preference_preset(config, arg, demo_steps=100, demo_lr=5e-4)
     if arg == "demo":
+        config.dpo.beta = 0.3
+        config.train.eval_every = 50
         config.optim.weight_decay = 0.0
     config.lock()
     return config

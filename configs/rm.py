@@ -56,6 +56,11 @@ def get_config(arg: str = "demo"):
     config = base_config("rm")
     config.rm = ml_collections.ConfigDict(dict(center_coef=0.0))
     preference_data(config)
-    preference_preset(config, arg, demo_steps=300, demo_lr=1e-3)
+    # From the SFT demo, held-out accuracy peaks early and then drifts down as the
+    # "correct vs wrong answer" pairs overfit (300 steps at 1e-3: 0.88; 150 at 3e-4: 0.89),
+    # so the demo trains shorter at a lower rate.
+    preference_preset(config, arg, demo_steps=150, demo_lr=3e-4)
+    if arg == "demo":
+        config.train.eval_every = 50
     config.lock()
     return config
