@@ -10,7 +10,6 @@ log-probs, DPO on N pairs with the frozen reference run inside the step.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import statistics
 import time
@@ -129,11 +128,7 @@ def build_dpo(shape: dict[str, Any], names: tuple[str, ...] = STEPS) -> DpoBench
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--reps", type=int, default=7)
-    report.add_args(parser)
-    args = parser.parse_args()
+    args = report.parser(__doc__).parse_args()
     shape = SHAPES["quick" if args.quick else "full"]
     pairs, t = shape["batch"], shape["seq"]
     bench = build_dpo(shape)

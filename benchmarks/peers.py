@@ -176,6 +176,21 @@ def _tunix_model(cfg: Any, seed: int) -> tuple[Any, int]:
     return model, sum(x.size for x in leaves)
 
 
+def _tunix_step_timer(trainer: Any, train_step: Any, example: Any) -> Any:
+    """``() -> seconds`` of one Tunix training step as its ``train()`` runs it: input
+    preparation and sharding, the jitted step, and waiting for model and optimizer."""
+    from tunix.sft import sharding_utils
+
+    def peer() -> float:
+        t0 = time.perf_counter()
+        x = sharding_utils.shard_input(trainer._prepare_inputs(example), ("fsdp",))
+        loss, _, grad_norm = train_step(x)
+        _block_model(loss, grad_norm, trainer.model, trainer.optimizer)
+        return time.perf_counter() - t0
+
+    return peer
+
+
 def _block_model(*trees: Any) -> None:
     import jax
     from flax import nnx
@@ -209,7 +224,7 @@ def p1_sft(quick: bool, reps: int) -> dict[str, Any]:
 
     import jax.numpy as jnp
     import numpy as np
-    from tunix.sft import peft_trainer, sharding_utils
+    from tunix.sft import peft_trainer
     from tunix.sft import utils as sft_utils
 
     from jaxalign.optim import make_optimizer
@@ -231,12 +246,7 @@ def p1_sft(quick: bool, reps: int) -> dict[str, Any]:
     example = peft_trainer.TrainingInput(input_tokens=jnp.asarray(tokens, jnp.int32),
                                          input_mask=jnp.ones((b, t), jnp.bool_))
 
-    def peer() -> float:
-        t0 = time.perf_counter()
-        x = sharding_utils.shard_input(trainer._prepare_inputs(example), ("fsdp",))
-        loss, _, grad_norm = train_step(x)
-        _block_model(loss, grad_norm, trainer.model, trainer.optimizer)
-        return time.perf_counter() - t0
+    peer = _tunix_step_timer(trainer, train_step, example)
 
     res = _interleave(reps, lambda: ours.run()[0], peer)
     res["peer_loop_s_per_step"] = _loop_seconds(trainer, example)
@@ -262,7 +272,6 @@ def p2_dpo(quick: bool, reps: int) -> dict[str, Any]:
 
     import jax.numpy as jnp
     import numpy as np
-    from tunix.sft import sharding_utils
     from tunix.sft.dpo import dpo_trainer
 
     from jaxalign.optim import make_optimizer
@@ -286,12 +295,7 @@ def p2_dpo(quick: bool, reps: int) -> dict[str, Any]:
                                         chosen_mask=ones, rejected_ids=ids(),
                                         rejected_mask=ones)
 
-    def peer() -> float:
-        t0 = time.perf_counter()
-        x = sharding_utils.shard_input(trainer._prepare_inputs(example), ("fsdp",))
-        loss, _, grad_norm = train_step(x)
-        _block_model(loss, grad_norm, trainer.model, trainer.optimizer)
-        return time.perf_counter() - t0
+    peer = _tunix_step_timer(trainer, train_step, example)
 
     res = _interleave(reps, lambda: ours.run("dpo_in_step"), peer)
     res["peer_loop_s_per_step"] = _loop_seconds(trainer, example)

@@ -51,6 +51,18 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default="", help="write the result rows to this file")
 
 
+def parser(doc: str | None, reps: int | None = 7) -> argparse.ArgumentParser:
+    """A benchmark's flags: ``--quick``, ``--reps`` (unless ``reps`` is None), ``--json``;
+    callers add their own before parsing."""
+    out = argparse.ArgumentParser(description=(doc or "").split("\n")[0])
+    out.add_argument("--quick", action="store_true", help="a small shape, fewer repetitions")
+    if reps is not None:
+        out.add_argument("--reps", type=int, default=reps,
+                         help="repetitions" + (" (0: 7, quick 3)" if reps == 0 else ""))
+    add_args(out)
+    return out
+
+
 def table(rows: Sequence[dict[str, Any]]) -> str:
     """The rows as one Markdown table."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]

@@ -14,7 +14,6 @@ steps (the first rollout and update, which compile, are excluded).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -60,10 +59,8 @@ def _config(quick: bool, steps: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true")
+    parser = report.parser(__doc__, reps=None)
     parser.add_argument("--steps", type=int, default=0)
-    report.add_args(parser)
     args = parser.parse_args()
     steps = args.steps or (6 if args.quick else 12)
     from jaxalign.train import train

@@ -16,7 +16,6 @@ the params dict. Repetitions interleave the probe and every contender.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import statistics
 import time
@@ -158,13 +157,10 @@ def build_generate(shape: dict[str, Any], batch: int) -> GenerateBench:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--reps", type=int, default=7)
+    parser = report.parser(__doc__)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--best-of", type=int, default=3,
                         help="each contender's time in a repetition is its best of this many")
-    report.add_args(parser)
     args = parser.parse_args()
     shape = SHAPES["quick" if args.quick else "full"]
     b, t, n = args.batch, shape["prompt"], shape["new"]

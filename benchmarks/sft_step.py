@@ -10,7 +10,6 @@ cross-entropy), interleaved per repetition as BENCHMARKS.md asks.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import statistics
 import time
@@ -125,12 +124,15 @@ class SftBench:
         return time.perf_counter() - t0, m
 
 
-def build_sft(shape: dict[str, Any]) -> SftBench:
-    """jaxalign's SFT step for ``shape`` (one of ``SHAPES``): f32, AdamW, one device."""
+def sft_step_layout(model: dict[str, Any], batch: int, seq: int):
+    """jaxalign's jitted SFT step on one device for a model shape (AdamW, f32 unless the
+    shape says otherwise), without any state allocated.
+
+    Returns ``(config, model_cfg, mesh, tx, abstract_state, shardings, init_fn, step)``.
+    """
     config = base_config("sft")
-    config.model.update(shape["model"])
-    config.train.batch_size = shape["batch"]
-    config.data.max_len = shape["seq"]
+    config.model.update(model)
+    config.train.batch_size, config.data.max_len = batch, seq
     model_cfg = TransformerConfig.from_mapping(config.model)
     mesh = make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
     rules = shd.rules_from_config(config.sharding.rules)
@@ -140,6 +142,13 @@ def build_sft(shape: dict[str, Any]) -> SftBench:
         sft.loss_fn, sft.loss_weights, model_def=model_def, tx=tx, schedule=schedule,
         num_micro=1, mesh=mesh, rules=rules),
         in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
+    return config, model_cfg, mesh, tx, abstract, shardings, init_fn, train_step
+
+
+def build_sft(shape: dict[str, Any]) -> SftBench:
+    """jaxalign's SFT step for ``shape`` (one of ``SHAPES``): f32, AdamW, one device."""
+    config, model_cfg, mesh, tx, abstract, shardings, init_fn, train_step = sft_step_layout(
+        shape["model"], shape["batch"], shape["seq"])
     state = jax.jit(init_fn, out_shardings=shardings)()
 
     b, t = shape["batch"], shape["seq"]
@@ -157,11 +166,7 @@ def build_sft(shape: dict[str, Any]) -> SftBench:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--reps", type=int, default=7)
-    report.add_args(parser)
-    args = parser.parse_args()
+    args = report.parser(__doc__).parse_args()
     shape = SHAPES["quick" if args.quick else "full"]
 
     bench = build_sft(shape)

@@ -11,7 +11,6 @@ replicated) and bytes per device ÷ params (which should fall as 16 / fsdp).
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import jax
@@ -50,10 +49,7 @@ def measure(fsdp: int, model: dict) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    report.add_args(parser)
-    args = parser.parse_args()
+    args = report.parser(__doc__, reps=None).parse_args()
     model = SHAPES["quick" if args.quick else "full"]["model"]
     sizes = [f for f in (1, 2, 4, 8) if f <= jax.device_count()]
     got = {f: measure(f, model) for f in sizes}

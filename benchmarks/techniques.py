@@ -15,7 +15,6 @@ compilation on abstract shapes (nothing is allocated).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import statistics
 import time
@@ -26,15 +25,10 @@ import numpy as np
 from flax import nnx
 
 from benchmarks import report
-from benchmarks.sft_step import SHAPES, build_sft
-from jaxalign import sharding as shd
-from jaxalign import step as step_lib
+from benchmarks.sft_step import SHAPES, build_sft, sft_step_layout
 from jaxalign.algos import sft
-from jaxalign.config import base_config, model_config
-from jaxalign.mesh import make_mesh
+from jaxalign.config import model_config
 from jaxalign.models.transformer import Transformer, TransformerConfig
-from jaxalign.optim import make_optimizer
-from jaxalign.train import state_layout
 
 SWITCHES: dict[str, dict[str, Any]] = {
     "plain": {},
@@ -83,18 +77,7 @@ def grad_temp_bytes(model_cfg: TransformerConfig, batch: Any) -> int:
 
 def compiled_bytes(model: dict[str, Any], batch: int, seq: int) -> dict[str, int]:
     """Per-device argument and temporary bytes of the SFT step, from shapes alone."""
-    config = base_config("sft")
-    config.model.update(model)
-    config.train.batch_size, config.data.max_len = batch, seq
-    model_cfg = TransformerConfig.from_mapping(config.model)
-    mesh = make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
-    rules = shd.rules_from_config(config.sharding.rules)
-    tx, schedule = make_optimizer(config.optim, 1000)
-    model_def, abstract, shardings, _ = state_layout(config, model_cfg, tx, mesh, rules)
-    step = jax.jit(step_lib.make_train_step(
-        sft.loss_fn, sft.loss_weights, model_def=model_def, tx=tx, schedule=schedule,
-        num_micro=1, mesh=mesh, rules=rules),
-        in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
+    *_, abstract, _, _, step = sft_step_layout(model, batch, seq)
     spec = jax.ShapeDtypeStruct
     batch_spec = {k: spec((batch, seq), np.float32 if k == "loss_mask_bt" else np.int32)
                   for k in sft.BATCH_KEYS}
@@ -120,12 +103,9 @@ def largest_batch(model: dict[str, Any], seq: int, budget: float) -> tuple[int, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--reps", type=int, default=0, help="default 7 (quick: 3)")
+    parser = report.parser(__doc__, reps=0)
     parser.add_argument("--memory_gb", type=float, default=80.0,
                         help="memory budget for the what-fits lines (default: an H100)")
-    report.add_args(parser)
     args = parser.parse_args()
     reps = args.reps or (3 if args.quick else 7)
     shape = SHAPES["quick" if args.quick else "full"]

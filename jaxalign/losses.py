@@ -56,26 +56,6 @@ def chunked_token_stats(h_btd: jax.Array, logits_fn: Callable[[jax.Array], jax.A
     return {k: v.swapaxes(0, 1).reshape(b, n * chunk)[:, :t] for k, v in out_nbc.items()}
 
 
-def masked_token_nll(logits_btv: jax.Array, targets_bt: jax.Array,
-                     mask_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Summed negative log-likelihood over masked tokens, and the token count.
-
-    The mean loss is ``nll_sum / count`` where both are summed over the whole
-    global batch; dividing per shard or per micro-batch would make the loss
-    depend on the mesh shape and on gradient accumulation.
-    """
-    mask_bt = mask_bt.astype(jnp.float32)
-    nll_sum = -jnp.sum(token_logps(logits_btv, targets_bt) * mask_bt)
-    return nll_sum, jnp.sum(mask_bt)
-
-
-def masked_token_accuracy_sum(logits_btv: jax.Array, targets_bt: jax.Array,
-                              mask_bt: jax.Array) -> jax.Array:
-    """Number of masked positions whose argmax prediction equals the target."""
-    hit_bt = (jnp.argmax(logits_btv, axis=-1) == targets_bt).astype(jnp.float32)
-    return jnp.sum(hit_bt * mask_bt.astype(jnp.float32))
-
-
 def sequence_logps(logits_btv: jax.Array, targets_bt: jax.Array, mask_bt: jax.Array, *,
                    average: bool = False) -> jax.Array:
     """Per-sequence log-probability of the masked targets: sum, or mean if ``average``.

@@ -96,12 +96,10 @@ def test_masked_token_nll_golden():
     x = logits.astype(np.float64)
     logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
     want = -sum(logp[b, t, targets[b, t]] for b in range(2) for t in range(3) if mask[b, t])
-    got, count = losses.masked_token_nll(jnp.asarray(logits), jnp.asarray(targets),
-                                         jnp.asarray(mask))
-    assert float(count) == 4
+    stats = losses.token_stats(jnp.asarray(logits), jnp.asarray(targets), with_hits=True)
+    got = -jnp.sum(stats["logps_bt"] * mask)
     np.testing.assert_allclose(float(got), want, rtol=1e-6)
-    hits = losses.masked_token_accuracy_sum(jnp.asarray(logits), jnp.asarray(targets),
-                                            jnp.asarray(mask))
+    hits = jnp.sum(stats["hits_bt"] * mask)
     want_hits = sum(int(np.argmax(logits[b, t]) == targets[b, t])
                     for b in range(2) for t in range(3) if mask[b, t])
     assert float(hits) == want_hits

@@ -144,9 +144,10 @@ def test_packed_loss_equals_padded_loss(tok, world_train):
     def loss(batch):
         logits = logits_of(batch)
         targets, mask = jnp.asarray(batch["targets_bt"]), jnp.asarray(batch["loss_mask_bt"])
-        nll, count = losses.masked_token_nll(logits, targets, mask)
-        return float(nll / count), float(count), float(
-            losses.masked_token_accuracy_sum(logits, targets, mask))
+        stats = losses.token_stats(logits, targets, with_hits=True)
+        count = jnp.sum(mask)
+        nll = -jnp.sum(stats["logps_bt"] * mask)
+        return float(nll / count), float(count), float(jnp.sum(stats["hits_bt"] * mask))
 
     (pad_loss, pad_count, pad_hits), (pack_loss, pack_count, pack_hits) = loss(padded), loss(
         packed)
