@@ -62,8 +62,8 @@ def reference_generate(p, cfg: TransformerConfig, prompt_bt, new_tokens: int):
             q = _rope(jnp.einsum("btd,dnh->btnh", h, a["q_proj"]), pos_bt, cfg.rope_theta)
             k = _rope(jnp.einsum("btd,dkh->btkh", h, a["k_proj"]), pos_bt, cfg.rope_theta)
             v = jnp.einsum("btd,dkh->btkh", h, a["v_proj"])
-            k_c = jax.lax.dynamic_update_slice_in_dim(k_c, k, start, 1)
-            v_c = jax.lax.dynamic_update_slice_in_dim(v_c, v, start, 1)
+            k_c = jax.lax.dynamic_update_slice_in_dim(k_c, k.astype(k_c.dtype), start, 1)
+            v_c = jax.lax.dynamic_update_slice_in_dim(v_c, v.astype(v_c.dtype), start, 1)
             new_cache.append((k_c, v_c))
             q = q.reshape(b, n_new, cfg.n_kv_heads, g, cfg.head_dim)
             sc = jnp.einsum("btkgh,bskh->bkgts", q, k_c) * cfg.head_dim ** -0.5
@@ -74,10 +74,11 @@ def reference_generate(p, cfg: TransformerConfig, prompt_bt, new_tokens: int):
             m = lp["mlp"]
             h = _rms(x, lp["mlp_norm"]["scale"], cfg.norm_eps)
             x = x + (jax.nn.silu(h @ m["gate_proj"]) * (h @ m["up_proj"])) @ m["down_proj"]
-        logits = _rms(x[:, -1], p["final_norm"]["scale"], cfg.norm_eps) @ p["unembed"]
+        unembed = p["embed"].T if cfg.tie_embeddings else p["unembed"]
+        logits = _rms(x[:, -1], p["final_norm"]["scale"], cfg.norm_eps) @ unembed
         return jnp.argmax(logits, -1).astype(jnp.int32), new_cache
 
-    zeros = jnp.zeros((b, s, cfg.n_kv_heads, cfg.head_dim), jnp.float32)
+    zeros = jnp.zeros((b, s, cfg.n_kv_heads, cfg.head_dim), p["embed"].dtype)
     tok_b, cache = forward(prompt_bt, 0, [(zeros, zeros)] * cfg.n_layers)
     out_bn = jnp.zeros((b, new_tokens), jnp.int32).at[:, 0].set(tok_b)
 
@@ -141,7 +142,7 @@ class GenerateBench:
 
 def build_generate(shape: dict[str, Any], batch: int) -> GenerateBench:
     """Greedy, no stop tokens (every row decodes ``shape["new"]`` tokens), one device."""
-    cfg = TransformerConfig(**shape["model"])
+    cfg = TransformerConfig.from_mapping(shape["model"])
     b, t, n = batch, shape["prompt"], shape["new"]
     mesh = make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
     rules = dict(shd.DEFAULT_RULES)
@@ -156,14 +157,15 @@ def build_generate(shape: dict[str, Any], batch: int) -> GenerateBench:
                          jax.random.PRNGKey(0), cfg, model_def, mesh, rules)
 
 
-def main() -> None:
-    parser = report.parser(__doc__)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--best-of", type=int, default=3,
-                        help="each contender's time in a repetition is its best of this many")
-    args = parser.parse_args()
-    shape = SHAPES["quick" if args.quick else "full"]
-    b, t, n = args.batch, shape["prompt"], shape["new"]
+def decode_rows(shape: dict[str, Any], batch: int, reps: int, best_of: int,
+                probe_bytes: int = 192 * 2**20, min_agreement: float | None = 0.9,
+                ) -> list[dict[str, Any]]:
+    """B7 and B8 for one model shape (its ``model`` dict may set ``dtype``/``param_dtype``).
+
+    ``min_agreement``: the fraction of greedy tokens the sampler and the reference
+    must share (None: report it only, as bf16 near-ties on random weights flip many).
+    """
+    b, t, n = batch, shape["prompt"], shape["new"]
     bench = build_generate(shape, b)
     cfg, params, prompt_bt, mask_bt, key = (bench.cfg, bench.params, bench.prompt_bt,
                                             bench.mask_bt, bench.key)
@@ -172,7 +174,7 @@ def main() -> None:
     ours_one = sampling.make_sampler(model_def, sampling.SamplingConfig(
         max_new_tokens=1, temperature=0.0), mesh=mesh, rules=rules)
     ref = jax.jit(reference_generate, static_argnums=(1, 3))
-    probe_x = jnp.ones((48 * 2**20,), jnp.float32)  # 192 MiB
+    probe_x = jnp.ones((probe_bytes // 4,), jnp.float32)
 
     compile_s = {
         "jaxalign": _timed(ours, params, prompt_bt, mask_bt, key),
@@ -182,21 +184,15 @@ def main() -> None:
     got = ours(params, prompt_bt, mask_bt, key).tokens_bn
     want = ref(params, cfg, prompt_bt, n)
     agree = float(jnp.mean(got == want))
-    if agree < 0.9:  # f32 near-ties may flip a late token; more means a real mismatch
+    if min_agreement is not None and agree < min_agreement:
+        # f32 near-ties may flip a late token; more means a real mismatch
         raise AssertionError(f"sampler and reference disagree on {1 - agree:.0%} of tokens")
 
-    weight_bytes = sum(x.size * x.dtype.itemsize for path, x in
-                       jax.tree_util.tree_flatten_with_path(params)[0]
-                       if "embed" != getattr(path[0], "key", None))
-    weight_bytes += cfg.d_model * 4  # the one embedding row a step reads
-    # Each step reads the filled part of the cache; on average prompt + half the completion.
-    kv_bytes = 2 * cfg.n_layers * b * (t + n / 2) * cfg.n_kv_heads * cfg.head_dim * 4
-    step_bytes = weight_bytes + kv_bytes
-
+    step_bytes, weight_bytes, kv_bytes = decode_step_bytes(cfg, params, b, t, n)
     b7, b8, bw, ours_s, one_s, ref_s = [], [], [], [], [], []
-    for _ in range(args.reps):
+    for _ in range(reps):
         bw.append(bandwidth_probe(probe_x))
-        k = args.best_of
+        k = best_of
         ours_s.append(_timed(ours, params, prompt_bt, mask_bt, key, best_of=k))
         one_s.append(_timed(ours_one, params, prompt_bt, mask_bt, key, best_of=k))
         ref_s.append(_timed(ref, params, cfg, prompt_bt, n, best_of=k))
@@ -206,26 +202,59 @@ def main() -> None:
 
     n_params = sum(x.size for x in jax.tree.leaves(params))
     step_ms = [1e3 * (o - s1) / (n - 1) for o, s1 in zip(ours_s, one_s, strict=True)]
-    device = report.device_label()
+    dt = {"float32": "f32", "bfloat16": "bf16"}.get(cfg.dtype, cfg.dtype)
+    device = report.device_label(dt)
     print(f"device: {device}; model {shape['model']}; params {n_params:,}; batch {b}; "
-          f"prompt {t}; new tokens {n}; greedy; {args.reps} interleaved repetitions, "
-          f"each time the best of {args.best_of} calls")
-    print(f"bytes per decode step: weights {weight_bytes / 1e6:.2f} MB (embedding table "
-          f"excluded, one row counted) + KV {kv_bytes / 1e6:.3f} MB (2*L*b*(T+N/2)*k*h*4)")
+          f"prompt {t}; new tokens {n}; greedy; {reps} interleaved repetitions, "
+          f"each time the best of {best_of} calls")
+    print(f"bytes per decode step: weights {weight_bytes / 1e6:.2f} MB (the embedding table "
+          f"counted only where it is also the unembedding) + KV {kv_bytes / 1e6:.3f} MB "
+          f"(2*L*b*(T+N/2)*k*h*itemsize)")
     print("per-repetition seconds: jaxalign " + " ".join(f"{x:.3f}" for x in ours_s)
           + "; jaxalign 1 token " + " ".join(f"{x:.3f}" for x in one_s)
           + "; reference " + " ".join(f"{x:.3f}" for x in ref_s))
     print(f"compile: jaxalign {compile_s['jaxalign']:.1f}s (1-token variant "
           f"{compile_s['jaxalign_1']:.1f}s), reference {compile_s['reference']:.1f}s; "
           f"decode step {report.fmt(step_ms, 2)} ms; probe bandwidth "
-          f"{statistics.median(bw) / 1e9:.1f} GB/s; greedy token agreement {agree:.2f}")
+          f"{statistics.median(bw) / 1e9:.1f} GB/s; greedy token agreement {agree:.2f}",
+          flush=True)
     conf = (f"{n_params / 1e6:.1f}M params, batch {b}, prompt {t}, {n} new tokens, greedy, "
-            f"{args.reps} reps (best of {args.best_of})")
-    report.emit([
+            f"{reps} reps (best of {best_of}); decode step {report.fmt(step_ms, 2)} ms, "
+            f"probe {statistics.median(bw) / 1e9:.0f} GB/s")
+    return [
         report.row("B7", f"decode-step bytes / step time / jnp.sum probe (batch {b})", b7,
-                   "report (CPU); >= 0.6 (GPU)", conf),
-        report.row("B8", "jaxalign generate / single-jit fori_loop decode", b8, "<= 1.10", conf),
-    ], args.json)
+                   "report (CPU); >= 0.6 (GPU)", conf, device=device),
+        report.row("B8", "jaxalign generate / single-jit fori_loop decode", b8, "<= 1.10", conf,
+                   device=device, token_agreement=agree),
+    ]
+
+
+def decode_step_bytes(cfg: TransformerConfig, params: Any, b: int, t: int,
+                      n: int) -> tuple[float, float, float]:
+    """(total, weights, KV) bytes one decode step must read, averaged over ``n`` steps.
+
+    Weights: every parameter but the embedding table, of which a step reads one row,
+    unless the table is also the unembedding. KV: the filled part of the cache, on
+    average prompt + half the completion, in the compute dtype.
+    """
+    weight_bytes = sum(x.size * x.dtype.itemsize for path, x in
+                       jax.tree_util.tree_flatten_with_path(params)[0]
+                       if cfg.tie_embeddings or "embed" != getattr(path[0], "key", None))
+    if not cfg.tie_embeddings:
+        weight_bytes += cfg.d_model * jnp.dtype(cfg.param_dtype).itemsize
+    itemsize = jnp.dtype(cfg.dtype).itemsize
+    kv_bytes = 2 * cfg.n_layers * b * (t + n / 2) * cfg.n_kv_heads * cfg.head_dim * itemsize
+    return weight_bytes + kv_bytes, weight_bytes, kv_bytes
+
+
+def main() -> None:
+    parser = report.parser(__doc__)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--best-of", type=int, default=3,
+                        help="each contender's time in a repetition is its best of this many")
+    args = parser.parse_args()
+    shape = SHAPES["quick" if args.quick else "full"]
+    report.emit(decode_rows(shape, args.batch, args.reps, args.best_of), args.json)
 
 
 if __name__ == "__main__":

@@ -348,8 +348,11 @@ def _library_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
     if impl == "cudnn" and jax.default_backend() != "gpu":
         raise ValueError("model.attention='cudnn' needs a GPU backend; this process runs on "
                          f"{jax.default_backend()!r} (use 'xla' or 'dot_product')")
+    # Causal on top of the mask it already implies: cuDNN then skips the blocks above the
+    # diagonal instead of reading them from the mask.
     return jax.nn.dot_product_attention(
         q_btnh, k_bskh, v_bskh, mask=mask_b1ts, scale=scale,
+        is_causal=q_btnh.shape[1] == k_bskh.shape[1],
         implementation="cudnn" if impl == "cudnn" else "xla")
 
 
