@@ -65,7 +65,7 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
     # down_proj) or attention | mlp | all.
     m.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0, targets="all"))
     # Compute switches: speed and memory only, never the numbers (tests/test_compute_switches).
-    m.attention = "xla"      # xla (einsum) | dot_product (jax.nn.dot_product_attention) | cudnn
+    m.attention = "xla"      # xla (einsum) | dot_product | cudnn (GPU) | splash (TPU)
     m.remat = "none"         # none | full | dots | qkv_proj | attn_proj | offload_qkv_proj
     m.scan_layers = False    # one lax.scan over the blocks (compile one layer)
     m.logits_chunk = 0       # >0: log-probs `logits_chunk` positions at a time (no [b,t,V])

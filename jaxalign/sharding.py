@@ -122,6 +122,11 @@ def axis_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
         _CTX.stack.pop()
 
 
+def bound_mesh_rules() -> tuple[Mesh, Rules] | None:
+    """The ``(mesh, rules)`` bound by :func:`axis_rules` while tracing, or None."""
+    return _CTX.stack[-1] if _CTX.stack else None
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Constrains an activation's sharding by logical names; no-op when unbound."""
     if not _CTX.stack:

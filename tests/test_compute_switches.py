@@ -12,7 +12,9 @@ from flax import nnx
 from presets import preset
 
 from jaxalign import losses
+from jaxalign import sharding as shd
 from jaxalign.algos import grpo, sft
+from jaxalign.mesh import make_mesh
 from jaxalign.models.transformer import Transformer, TransformerConfig
 
 BASE = TransformerConfig(vocab_size=96, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2,
@@ -121,6 +123,29 @@ def test_rl_loss_with_chunked_logps_and_entropy_matches():
         _close(g, w)
 
 
+# Gemma 2-like: grouped queries, a sliding layer and soft-capped scores, so the splash
+# kernel's window, soft cap and per-kv-head calls are all exercised.
+SPLASH_BASE = dataclasses.replace(BASE, n_layers=2, layer_types=("sliding", "full"),
+                                  sliding_window=40, attn_softcap=20.0)
+
+
+def test_splash_attention_matches_einsum_on_a_packed_batch():
+    batch = _batch(b=4, t=128)
+    _, state = _split(SPLASH_BASE)
+    want = _loss_and_grads(SPLASH_BASE, state, batch)
+    splash = dataclasses.replace(SPLASH_BASE, attention="splash")
+    got = _loss_and_grads(splash, state, batch)
+    for w, g in zip(want, got, strict=True):
+        _close(g, w, rtol=1e-4, atol=1e-5)
+    # Per shard under a (data 2, fsdp 2, tensor 2) mesh: heads split over tensor keep
+    # each query head with its kv head.
+    mesh = make_mesh(dict(data=2, fsdp=2, tensor=2))
+    with shd.axis_rules(mesh, dict(shd.DEFAULT_RULES)):
+        sharded = _loss_and_grads(splash, state, batch)
+    for w, g in zip(want, sharded, strict=True):
+        _close(g, w, rtol=1e-4, atol=1e-5)
+
+
 def _temp_bytes(cfg, batch):
     graphdef, state = _split(cfg)
 
@@ -161,6 +186,9 @@ def test_bad_switches_name_the_field():
     with pytest.raises(ValueError, match="scan_layers"):
         dataclasses.replace(BASE, scan_layers=True, layer_types=("full", "sliding", "full"),
                             sliding_window=4)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        cfg = dataclasses.replace(BASE, attention="splash")
+        _loss_and_grads(cfg, _split(cfg)[1], _batch())
     if jax.default_backend() != "gpu":
         cfg = dataclasses.replace(BASE, attention="cudnn")
         with pytest.raises(ValueError, match="needs a GPU"):

@@ -8,6 +8,7 @@ are constrained at block boundaries with a separate vocabulary (``act_*``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -16,10 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
 from jaxalign import losses
 from jaxalign.models import lora as lora_lib
-from jaxalign.sharding import constrain
+from jaxalign.sharding import bound_mesh_rules, constrain, logical_to_spec
 
 _DTYPES = {
     "float32": jnp.float32,
@@ -41,7 +43,7 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 LAYER_TYPES = ("full", "sliding")
 ROPE_SCALINGS = ("none", "linear", "llama3")
-ATTENTION_IMPLS = ("xla", "dot_product", "cudnn")
+ATTENTION_IMPLS = ("xla", "dot_product", "cudnn", "splash")
 # Names of the activations the remat policies below may keep (see `checkpoint_name`).
 _QKV = ("query_proj", "key_proj", "value_proj")
 REMAT_POLICIES: dict[str, Any] = {
@@ -114,7 +116,8 @@ class TransformerConfig:
     lora: lora_lib.LoraConfig | None = None
     # Compute switches (not architecture: checkpoints and exports do not depend on them).
     # attention: "xla" (our einsum), "dot_product" (jax.nn.dot_product_attention, XLA),
-    # "cudnn" (its cuDNN flash kernel; GPU only). Decoding with a KV cache always uses "xla".
+    # "cudnn" (its cuDNN flash kernel; GPU only), "splash" (the Pallas splash-attention
+    # kernel: TPU; interpreted, slowly, on the CPU). Decoding with a KV cache uses "xla".
     attention: str = "xla"
     # Rematerialisation of each block in the backward pass; see REMAT_POLICIES.
     remat: str = "none"
@@ -159,7 +162,7 @@ class TransformerConfig:
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(f"model.attention={self.attention!r}; expected one of "
                              f"{list(ATTENTION_IMPLS)}")
-        if self.attention != "xla" and self.attn_softcap:
+        if self.attention not in ("xla", "splash") and self.attn_softcap:
             raise ValueError(f"model.attention={self.attention!r} cannot soft-cap attention "
                              f"scores (model.attn_softcap={self.attn_softcap}); use 'xla'")
         if self.remat not in REMAT_POLICIES:
@@ -356,6 +359,76 @@ def _library_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
         implementation="cudnn" if impl == "cudnn" else "xla")
 
 
+@functools.cache
+def _splash_kernel(group: int, t: int, window: int, softcap: float, interpret: bool):
+    """The splash MQA kernel for ``group`` query heads per kv head over ``t`` positions:
+    causal, within ``window`` positions when > 0, packing segments given per call."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as splash,
+    )
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_mask as masks,
+    )
+
+    block = next(x for x in (512, 256, 128) if t % x == 0)
+    mask = (masks.LocalMask((t, t), window_size=(window - 1, 0), offset=0) if window > 0
+            else masks.CausalMask((t, t)))
+    sizes = splash.BlockSizes(
+        block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+        block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    with jax.ensure_compile_time_eval():  # its mask tables are constants, safe to cache
+        kernel = splash.make_splash_mqa_single_device(
+            masks.MultiHeadMask([mask] * group), block_sizes=sizes,
+            attn_logits_soft_cap=softcap or None, interpret=interpret)
+    return kernel, splash.SegmentIds
+
+
+def _splash_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
+                      segment_ids_bt: jax.Array, scale: float, window: int,
+                      softcap: float) -> jax.Array:
+    """Attention through the Pallas splash kernel (block-sparse causal/sliding mask,
+    packing segments as segment ids, optional soft-capping), one MQA call per kv head.
+
+    Under a bound mesh the kernel runs per shard (``shard_map``): batch as the rules
+    shard it, heads over the same axes for queries and keys/values (or not at all).
+    Padding (segment 0) never meets a real token; padding rows carry no loss.
+    """
+    backend = jax.default_backend()
+    if backend == "gpu":
+        raise ValueError("model.attention='splash' is a TPU kernel; on a GPU use 'cudnn'")
+    b, t, n, h = q_btnh.shape
+    if t % 128:
+        raise ValueError(f"model.attention='splash' needs a sequence length that is a "
+                         f"multiple of 128 (data.max_len); got {t}")
+    kernel, segment_ids = _splash_kernel(n // k_btkh.shape[2], t, window, float(softcap),
+                                         backend != "tpu")
+
+    def attend(q_btnh, k_btkh, v_btkh, seg_bt):
+        def one(q_tnh, k_tkh, v_tkh, seg_t):
+            kh = k_tkh.shape[1]
+            q_kgth = q_tnh.reshape(t, kh, -1, h).transpose(1, 2, 0, 3)
+            ids = segment_ids(seg_t, seg_t)
+            o_kgth = jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=ids))(
+                q_kgth, k_tkh.transpose(1, 0, 2), v_tkh.transpose(1, 0, 2))
+            return o_kgth.transpose(2, 0, 1, 3).reshape(t, -1, h)
+        return jax.vmap(one)(q_btnh * scale, k_btkh, v_btkh, seg_bt)
+
+    bound = bound_mesh_rules()
+    if bound is not None:
+        mesh, rules = bound
+        q_spec = logical_to_spec(("act_batch", None, "act_heads", None), rules, mesh,
+                                 q_btnh.shape)
+        kv_spec = logical_to_spec(("act_batch", None, "act_kv_heads", None), rules, mesh,
+                                  k_btkh.shape)
+        if q_spec[2] != kv_spec[2]:  # heads split alike or not at all keeps the groups
+            q_spec = P(q_spec[0], None, None, None)
+            kv_spec = P(kv_spec[0], None, None, None)
+        attend = jax.shard_map(attend, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec,
+                                                            P(q_spec[0], None)),
+                               out_specs=q_spec, check_vma=False)
+    return attend(q_btnh, k_btkh, v_btkh, segment_ids_bt)
+
+
 class Attention(nnx.Module):
     """Grouped-query attention with RoPE, optional q/k/v bias, q/k-norm, soft-capping."""
 
@@ -415,7 +488,13 @@ class Attention(nnx.Module):
         q_btnh = constrain(q_btnh, ("act_batch", "act_seq", "act_heads", None))
         b, t, n, h = q_btnh.shape
         scale = (cfg.query_pre_attn_scalar or h) ** -0.5
-        if cfg.attention != "xla" and cache is None:
+        if cfg.attention == "splash" and cache is None:
+            # Splash takes the packing segments themselves (``mask_b1ts`` is then the
+            # ``[b, t]`` segment ids) and builds causality and the window block-sparsely.
+            window = cfg.sliding_window if self.layer_type == "sliding" else 0
+            out_btnh = _splash_attention(q_btnh, k_btkh, v_btkh, mask_b1ts, scale, window,
+                                         cfg.attn_softcap)
+        elif cfg.attention != "xla" and cache is None:
             out_btnh = _library_attention(q_btnh, k_btkh, v_btkh, mask_b1ts, scale,
                                           cfg.attention)
         else:
@@ -560,9 +639,12 @@ class Transformer(nnx.Module):
         if segment_ids_bt is None:
             segment_ids_bt = jnp.ones((b, t), jnp.int32)
         x_btd = self.embed_tokens(tokens_bt)
-        masks = {"full": attention_mask(segment_ids_bt)}
-        if "sliding" in cfg.layer_types:
-            masks["sliding"] = attention_mask(segment_ids_bt, cfg.sliding_window)
+        if cfg.attention == "splash":  # the kernel masks from the segment ids
+            masks = {"full": segment_ids_bt, "sliding": segment_ids_bt}
+        else:
+            masks = {"full": attention_mask(segment_ids_bt)}
+            if "sliding" in cfg.layer_types:
+                masks["sliding"] = attention_mask(segment_ids_bt, cfg.sliding_window)
         run = _block_runner(cfg.remat, cfg.scan_layers)
         if cfg.scan_layers:
             x_btd = _scan_blocks(self.layers, run, x_btd, positions_bt,
