@@ -6,6 +6,8 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 import numpy as np
 
@@ -22,25 +24,52 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _start(workdir, processes, flags=FLAGS):
+def _start(workdir, processes, flags=FLAGS, log_dir=None):
+    """Starts the processes; with ``log_dir`` each writes to its own file there (no pipe
+    to fill while another process is being waited on), else to a pipe."""
     port = _free_port()
     procs = []
     for pid in range(processes):
-        env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(8 // processes), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(8 // processes), PYTHONUNBUFFERED="1",
+                   PYTHONFAULTHANDLER="1")
         if processes > 1:
             env.update(JAXALIGN_COORDINATOR_ADDRESS=f"localhost:{port}",
                        JAXALIGN_NUM_PROCESSES=str(processes), JAXALIGN_PROCESS_ID=str(pid))
+        out = (open(os.path.join(log_dir, f"process{pid}.log"), "w") if log_dir
+               else subprocess.PIPE)
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "launch.train", f"--workdir={workdir}", *flags], cwd=ROOT,
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            env=env, stdout=out, stderr=subprocess.STDOUT, text=True))
+        if log_dir:
+            out.close()
     return procs
 
 
-def _train(workdir, processes):
-    procs = _start(workdir, processes)
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    for p, out in zip(procs, outs, strict=True):
-        assert p.returncode == 0, out
+def _train(workdir, processes, timeout=300):
+    """Runs to the end; on a timeout every process still running dumps its Python stacks
+    (faulthandler, SIGABRT) into its log, which the failure shows."""
+    log_dir = tempfile.mkdtemp(prefix="mp-logs-", dir=os.path.dirname(workdir))
+    procs = _start(workdir, processes, log_dir=log_dir)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+        time.sleep(0.2)
+    hung = [i for i, p in enumerate(procs) if p.poll() is None]
+    for i in hung:
+        procs[i].send_signal(signal.SIGABRT)
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    outs = []
+    for i in range(processes):
+        with open(os.path.join(log_dir, f"process{i}.log")) as f:
+            outs.append(f.read())
+    logs = "\n".join(f"--- process {i} ---\n{o[-6000:]}" for i, o in enumerate(outs))
+    assert not hung, f"processes {hung} still running after {timeout}s:\n{logs}"
+    for p in procs:
+        assert p.returncode == 0, logs
     return outs
 
 
