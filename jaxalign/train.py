@@ -68,8 +68,13 @@ def check_workdir_compatible(workdir: str, config: ml_collections.ConfigDict) ->
     path = os.path.join(workdir, "config.json")
     if not (os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir) and os.path.exists(path)):
         return
-    with open(path, encoding="utf-8") as f:
-        old = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); it records the config the "
+                         "checkpoints beside it were written with: restore it or use a new "
+                         "--workdir") from e
     diffs = []
     if old.get("stage") != config.stage:
         diffs.append(f"stage: {old.get('stage')!r} -> {config.stage!r}")
@@ -171,9 +176,6 @@ class Trainer:
         check_workdir_compatible(workdir, config)
         MetricsWriter.check_sinks(config.metrics)
         os.makedirs(workdir, exist_ok=True)
-        if jax.process_index() == 0:
-            with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-                f.write(to_json(config))
 
         self.tokenizer = load_tokenizer(config.tokenizer)
         check_vocab(self.tokenizer, self.model_cfg.vocab_size)
@@ -190,6 +192,13 @@ class Trainer:
         # Orbax's manager runs the first cross-process collective, and gloo gives a late
         # process only 30 s to join one: meet first (data validation times differ).
         barrier("init")
+        # Only now, with every process past its compatibility check (which reads the old
+        # file), and atomically, so a kill mid-write never leaves a truncated file.
+        if jax.process_index() == 0:
+            path = os.path.join(workdir, "config.json")
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                f.write(to_json(config))
+            os.replace(path + ".tmp", path)
         self.checkpointer = Checkpointer(
             os.path.join(workdir, "checkpoints"), save_every=config.checkpoint.save_every,
             keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)

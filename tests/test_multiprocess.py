@@ -46,12 +46,14 @@ def _start(workdir, processes, flags=FLAGS, log_dir=None):
 
 
 def _train(workdir, processes, timeout=300):
-    """Runs to the end; on a timeout every process still running dumps its Python stacks
-    (faulthandler, SIGABRT) into its log, which the failure shows."""
+    """Runs to the end; on a timeout or a failed process, every process still running
+    dumps its Python stacks (faulthandler, SIGABRT) into its log, which the failure shows."""
     log_dir = tempfile.mkdtemp(prefix="mp-logs-", dir=os.path.dirname(workdir))
     procs = _start(workdir, processes, log_dir=log_dir)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+    # Stop waiting at the first failure too: the others then wait in a barrier for good.
+    while (time.monotonic() < deadline and any(p.poll() is None for p in procs)
+           and not any(p.poll() for p in procs)):
         time.sleep(0.2)
     hung = [i for i, p in enumerate(procs) if p.poll() is None]
     for i in hung:
@@ -67,7 +69,7 @@ def _train(workdir, processes, timeout=300):
         with open(os.path.join(log_dir, f"process{i}.log")) as f:
             outs.append(f.read())
     logs = "\n".join(f"--- process {i} ---\n{o[-6000:]}" for i, o in enumerate(outs))
-    assert not hung, f"processes {hung} still running after {timeout}s:\n{logs}"
+    assert not hung, f"processes {hung} still running (after a failure or {timeout}s):\n{logs}"
     for p in procs:
         assert p.returncode == 0, logs
     return outs

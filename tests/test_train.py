@@ -146,5 +146,12 @@ def test_incompatible_workdir_is_refused(tmp_path):
     train(_config(**{"train.steps": 2, "data.eval": ""}), workdir)
     with pytest.raises(ValueError, match=r"model.d_model: 32 -> 64"):
         Trainer(_config(**{"model.d_model": 64}), workdir)
+    # The record of that config is written atomically; a damaged one is named, not parsed
+    # into a traceback.
+    assert not os.path.exists(os.path.join(workdir, "config.json.tmp"))
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write('{"stage": "sf')
+    with pytest.raises(ValueError, match=r"config.json is not valid JSON"):
+        Trainer(_config(), workdir)
 
 
