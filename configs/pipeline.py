@@ -3,9 +3,9 @@
 Each stage starts from the one before it (the RM and DPO from the SFT model, GRPO
 from the DPO policy); after each policy stage the evals below run once, its gates
 compare it with the stage it started from, and the final table (``ROOT/report.md``)
-shows task accuracy, preference accuracy, reward-model reward, KL to the SFT
-model, refusal of must-refuse requests (incl. red-team rephrasings) and
-over-refusal, one column per policy stage. Re-running resumes.
+shows task accuracy, preference accuracy, reward-model reward, KL to the SFT model,
+refusal of must-refuse requests (incl. red-team rephrasings) and over-refusal, one
+column per policy stage, the untrained model first. Re-running resumes.
 
 Presets: ``demo`` (``make demo``, minutes on a 2-core CPU) and ``test`` (tiny).
 
@@ -21,6 +21,10 @@ REPORT_METRICS = ("task/pass@1", "preference/accuracy", "reward/mean", "kl/mean"
                   "heldout/loss")
 
 
+# One step at learning rate 0: the initial weights, written as a checkpoint.
+UNTRAINED = ("train.steps=1", "optim.learning_rate=0.0", "optim.warmup_steps=0", "data.eval=")
+
+
 def _stage(name, config, init_from="", overrides=(), gates=()):
     return dict(name=name, config=config, init_from=init_from, overrides=list(overrides),
                 gates=list(gates))
@@ -33,11 +37,18 @@ def get_config(arg: str = "demo"):
     c.report_metrics = list(REPORT_METRICS)
     if arg == "demo":
         c.stages = [
+            # The untrained model, for the table's first column: one step at learning rate
+            # 0 keeps the initial weights exactly (AdamW's update is lr times a finite
+            # number) and writes them as a checkpoint the evals load and SFT starts from.
+            _stage("base", "configs/sft.py:world", overrides=UNTRAINED),
             # Shorter than the stages' own demo presets, so the whole job fits in
             # about ten minutes on a 2-core CPU.
-            _stage("sft", "configs/sft.py:world", overrides=["train.steps=400"]),
-            # The world SFT model is a different start from the RM preset's (SFT demo):
-            # its measured rate stays (3e-4 from it gave 0.81 held-out accuracy).
+            _stage("sft", "configs/sft.py:world", init_from="base",
+                   overrides=["train.steps=400"],
+                   gates=[dict(metric="task/pass@1", direction="higher", tolerance=0.0)]),
+            # The RM preset starts from scratch; here the RM starts from the world SFT
+            # model at the rate measured for that start (3e-4 from it gave 0.81 held-out
+            # accuracy).
             _stage("rm", "configs/rm.py:demo", init_from="sft",
                    overrides=["train.steps=150", "train.eval_every=150",
                               "optim.learning_rate=1e-3", "optim.warmup_steps=30"]),
@@ -66,7 +77,8 @@ def get_config(arg: str = "demo"):
         tiny = ["model.init_from=scratch", "train.steps=4", "train.eval_every=100",
                 "checkpoint.save_every=2"]
         c.stages = [
-            _stage("sft", "configs/sft.py:test", overrides=["train.steps=6"]),
+            _stage("base", "configs/sft.py:test", overrides=UNTRAINED),
+            _stage("sft", "configs/sft.py:test", init_from="base", overrides=["train.steps=6"]),
             _stage("rm", "configs/rm.py:test", init_from="sft", overrides=tiny[1:]),
             _stage("dpo", "configs/dpo.py:test", init_from="sft", overrides=tiny[1:],
                    gates=[dict(metric="task/pass@1", direction="higher", tolerance=1.0)]),

@@ -190,11 +190,19 @@ class Pipeline:
         entries = {k: dict(v) for k, v in dict(suite["evals"]).items()}
         if cached is not None:
             entries = {k: v for k, v in entries.items() if k in cached["skipped"]}
+        # A stage evaluated before the reference stage exists (the untrained base) waits for
+        # it on the evals measured against it, so every column measures the same thing.
+        waiting = {k for k, v in entries.items() if ref_name and not have_ref and (
+            v["kind"] == "kl" or (v["kind"] == "preference"
+                                  and v.get("score", "implicit") == "implicit"))}
         t0 = time.perf_counter()
         run = eval_suite.run_evals(
             eval_suite.EvalContext(policy, reference=reference, rewards=scorer,
                                    seed=int(suite["seed"])),
-            entries, out_dir=os.path.join(self.dirs[name], "eval"), label=name)
+            {k: v for k, v in entries.items() if k not in waiting},
+            out_dir=os.path.join(self.dirs[name], "eval"), label=name)
+        run["skipped"] = {**run["skipped"], **{
+            k: f"waits for the reference stage {ref_name!r}" for k in waiting}}
         run["eval_seconds"] = time.perf_counter() - t0
         if cached is not None:
             merged = dict(cached)

@@ -62,6 +62,15 @@ def check_batch_layout(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
                          f"by the data-parallel size {dp}")
 
 
+def check_workdir_path(workdir: str) -> None:
+    """Refuses URLs (``gs://...``): the run's own files are written with local file calls,
+    so such a path would become a local directory named like the URL."""
+    if "://" in workdir:
+        raise ValueError(f"--workdir={workdir!r}: URL workdirs are not supported; mount the "
+                         "bucket (e.g. Cloud Storage FUSE, as launch/tpu_pod.sh setup does) "
+                         "and pass the mounted path")
+
+
 def check_workdir_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
     """Refuses to resume a workdir whose checkpoints come from another model or stage."""
     ckpt_dir = os.path.join(workdir, "checkpoints")
@@ -159,6 +168,7 @@ class Trainer:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str,
                  mesh: Mesh | None = None):
         check_config(config)  # typos and impossible sizes fail before any work
+        check_workdir_path(workdir)
         maybe_initialize_distributed()
         self._sigterm = False
         self.config = config

@@ -60,10 +60,10 @@ def test_pipeline_resumes_mid_stage_and_skips_finished(tmp_path, monkeypatch,
     assert not os.path.isfile(os.path.join(pipe.dirs["rm"], pipeline_lib.EVALS))
     with open(os.path.join(pipe.dirs["rm"], "config.json")) as f:
         rm_cfg = json.load(f)
-    assert rm_cfg["model"]["init_from"] == f"workdir:{os.path.join(first_two_stages, '0-sft')}"
+    assert rm_cfg["model"]["init_from"] == f"workdir:{os.path.join(first_two_stages, '1-sft')}"
 
     # Interrupt the DPO stage after 2 of its 4 steps (a checkpoint at step 2).
-    trainer = train_lib.Trainer(pipe.stage_config(pipe.stages[2]), pipe.dirs["dpo"])
+    trainer = train_lib.Trainer(pipe.stage_config(pipe.stages[3]), pipe.dirs["dpo"])
     try:
         trainer.fit(num_steps=2)
     finally:
@@ -71,11 +71,17 @@ def test_pipeline_resumes_mid_stage_and_skips_finished(tmp_path, monkeypatch,
     calls.clear()
     report = pipe.run()
     # Finished stages are not redone; DPO resumes from its step-2 checkpoint.
-    assert calls == [("2-dpo", 2), ("3-grpo", None)]
-    assert report["columns"] == ["sft", "dpo", "grpo"]
+    assert calls == [("3-dpo", 2), ("4-grpo", None)]
+    assert report["columns"] == ["base", "sft", "dpo", "grpo"]
     assert set(report["metrics"]) == set(config["report_metrics"])
     assert all(v is not None for v in report["metrics"]["task/pass@1"].values())
     assert os.path.isfile(os.path.join(root, "report.md"))
+    # The untrained base was evaluated before its reference (SFT) existed; the evals that
+    # are measured against the reference waited for it instead of running without one.
+    base = pipe.evaluate(pipe.stages[0])
+    assert not {"preference", "kl"} & set(base["skipped"])
+    sft_ref = pipe.evaluate(pipe.stages[1])
+    assert sft_ref["metrics"]["kl/mean"] == 0.0 and base["metrics"]["kl/mean"] > 0.0
     calls.clear()
     pipe.run()
     assert calls == []
@@ -84,7 +90,7 @@ def test_pipeline_resumes_mid_stage_and_skips_finished(tmp_path, monkeypatch,
 def test_pipeline_gate_failure_stops(tmp_path, first_two_stages):
     config = get_config("test").to_dict()
     # An impossible gate on the DPO stage: a held-out loss below -1.
-    config["stages"][2]["gates"] = [dict(metric="heldout/loss", direction="lower",
+    config["stages"][3]["gates"] = [dict(metric="heldout/loss", direction="lower",
                                          tolerance=0.0, threshold=-1.0)]
     root = str(tmp_path / "pipe")
     shutil.copytree(first_two_stages, root)
@@ -96,7 +102,7 @@ def test_pipeline_gate_failure_stops(tmp_path, first_two_stages):
 
 def test_pipeline_config_errors(tmp_path):
     config = get_config("test").to_dict()
-    config["stages"][1]["init_from"] = "grpo"
+    config["stages"][2]["init_from"] = "grpo"
     with pytest.raises(ValueError, match="not an earlier stage"):
         pipeline_lib.Pipeline(config, str(tmp_path), repo_dir=ROOT)
     config = get_config("test").to_dict()
