@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import gc
 import statistics
-import time
 from typing import Any
 
 import jax
@@ -75,11 +74,7 @@ def b1_contender(name: str, shape: dict[str, Any], switches: dict[str, Any], rep
     """Builds, compiles and times one contender; returns its B1 row and first-step loss."""
     b, t = shape["batch"], shape["seq"]
     bench = build_sft(dict(shape, model=dict(shape["model"], **switches)))
-    t0 = time.perf_counter()
-    compiled = bench.train_step.lower(bench.state, bench.batch).compile()
-    compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    bench.train_step = compiled
+    compile_s, mem = bench.compile()
     _, m = bench.run()
     loss0 = float(m["loss"])
     bench.run()
@@ -91,7 +86,7 @@ def b1_contender(name: str, shape: dict[str, Any], switches: dict[str, Any], rep
         steps.append(dt)
         mfus.append(flops / dt / peaks[-1])
     n_params = bench.n_params
-    del bench, compiled
+    del bench
     gc.collect()
 
     step_s = statistics.median(steps)

@@ -56,11 +56,9 @@ def _contender(name: str, shape: dict[str, Any], params: Any) -> Contender:
     bench = build_sft(dict(shape, model=dict(shape["model"], **SWITCHES[name])))
     if params is not None:  # every contender starts from the same weights
         bench.state["params"] = jax.tree.map(lambda x: x.copy(), params)
-    compiled = bench.train_step.lower(bench.state, bench.batch).compile()
-    temp = compiled.memory_analysis().temp_size_in_bytes
-    compile_s, _ = bench.run()
+    compile_s, mem = bench.compile()
     bench.run()
-    return Contender(name, bench, compile_s, temp)
+    return Contender(name, bench, compile_s, mem.temp_size_in_bytes)
 
 
 def grad_temp_bytes(model_cfg: TransformerConfig, batch: Any) -> int:

@@ -377,10 +377,9 @@ def _splash_kernel(group: int, t: int, window: int, softcap: float, interpret: b
         block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
         block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
     with jax.ensure_compile_time_eval():  # its mask tables are constants, safe to cache
-        kernel = splash.make_splash_mqa_single_device(
+        return splash.make_splash_mqa_single_device(
             masks.MultiHeadMask([mask] * group), block_sizes=sizes,
             attn_logits_soft_cap=softcap or None, interpret=interpret)
-    return kernel, splash.SegmentIds
 
 
 def _splash_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
@@ -400,14 +399,17 @@ def _splash_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
     if t % 128:
         raise ValueError(f"model.attention='splash' needs a sequence length that is a "
                          f"multiple of 128 (data.max_len); got {t}")
-    kernel, segment_ids = _splash_kernel(n // k_btkh.shape[2], t, window, float(softcap),
-                                         backend != "tpu")
+    from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import (
+        SegmentIds,
+    )
+
+    kernel = _splash_kernel(n // k_btkh.shape[2], t, window, float(softcap), backend != "tpu")
 
     def attend(q_btnh, k_btkh, v_btkh, seg_bt):
         def one(q_tnh, k_tkh, v_tkh, seg_t):
             kh = k_tkh.shape[1]
             q_kgth = q_tnh.reshape(t, kh, -1, h).transpose(1, 2, 0, 3)
-            ids = segment_ids(seg_t, seg_t)
+            ids = SegmentIds(seg_t, seg_t)
             o_kgth = jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=ids))(
                 q_kgth, k_tkh.transpose(1, 0, 2), v_tkh.transpose(1, 0, 2))
             return o_kgth.transpose(2, 0, 1, 3).reshape(t, -1, h)
