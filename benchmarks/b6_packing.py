@@ -30,7 +30,7 @@ from jaxalign import step as step_lib
 from jaxalign.algos import sft
 from jaxalign.config import base_config, model_config
 from jaxalign.data.builtin import load_builtin
-from jaxalign.data.pipeline import DataSettings, Loader
+from jaxalign.data.loader import DataSettings, Loader
 from jaxalign.data.tokenizer import load_tokenizer
 from jaxalign.mesh import make_mesh
 from jaxalign.models.transformer import TransformerConfig

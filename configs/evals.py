@@ -1,4 +1,4 @@
-"""Evaluation suites for ``python -m launch.eval`` (see ``jaxalign.eval_suite``).
+"""Evaluation suites for ``python -m launch.eval`` (see ``jaxalign.evals.suite``).
 
 Presets: ``default`` (the builtin world: held-out loss, task pass@1 / pass@4 / maj@4,
 preference accuracy, refusal and over-refusal incl. the red-team split, KL to the

@@ -32,8 +32,8 @@ on the 21 held-out benign prompts in some runs (0.57 -> 0.76).
 
 import ml_collections
 
-from jaxalign.algos.rollout import rl_config
 from jaxalign.config import base_config, model_config
+from jaxalign.rollout import rl_config
 
 
 def prompt_data(config) -> None:

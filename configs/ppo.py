@@ -12,8 +12,8 @@ prompts) and ``test`` (tiny, seconds).
 import ml_collections
 
 from configs.grpo import prompt_data, rl_preset
-from jaxalign.algos.rollout import rl_config
 from jaxalign.config import base_config
+from jaxalign.rollout import rl_config
 
 
 def get_config(arg: str = "demo"):

@@ -19,8 +19,8 @@ before and after every round) and ``test`` (tiny, from scratch, seconds).
 import ml_collections
 
 from configs.dpo import get_config as dpo_config
-from jaxalign.algos.rejection import rejection_config
 from jaxalign.config import base_config, model_config
+from jaxalign.jobs.rejection import rejection_config
 
 
 def get_config(arg: str = "demo"):

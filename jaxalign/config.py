@@ -75,7 +75,7 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
 
 
 def data_config() -> ml_collections.ConfigDict:
-    """Data section (see jaxalign.data.pipeline.DataSettings for what each key does)."""
+    """Data section (see jaxalign.data.loader.DataSettings for what each key does)."""
     d = ml_collections.ConfigDict()
     d.train = "builtin:tasks"  # builtin:<name> | jsonl:<path or glob> | tfds:<name>[/<cfg>][:<ver>]
     d.eval = "builtin:tasks"  # "" = no eval

@@ -12,7 +12,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxalign.pipeline import GateFailed, Pipeline, render_table
+from jaxalign.jobs.pipeline import GateFailed, Pipeline, render_table
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Pipeline config file[:preset].",
                                           lock_config=True)

@@ -19,8 +19,8 @@ from jaxalign import losses
 from jaxalign.config import model_config
 from jaxalign.data.builtin import load_builtin
 from jaxalign.data.chat import get_template
+from jaxalign.data.loader import DataSettings, Loader
 from jaxalign.data.packing import best_fit_decreasing, make_rows
-from jaxalign.data.pipeline import DataSettings, Loader
 from jaxalign.data.records import OverlongError, RecordError
 from jaxalign.data.tokenizer import load_tokenizer
 from jaxalign.models.transformer import Transformer, TransformerConfig

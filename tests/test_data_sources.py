@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 
-from jaxalign.data.pipeline import DataSettings, Loader
+from jaxalign.data.loader import DataSettings, Loader
 from jaxalign.data.records import RecordError
 from jaxalign.data.sources import JsonlSource, open_source
 from jaxalign.data.tokenizer import load_tokenizer
@@ -103,7 +103,7 @@ def test_broken_lines_name_file_line_and_field(tmp_path, tok):
     path.write_text("\n".join(line for line, _ in BROKEN) + "\n", encoding="utf-8")
     cache = str(tmp_path / "cache")
     source = open_source(f"jsonl:{path}", "train", data_dir=cache)
-    from jaxalign.data.pipeline import validate_source
+    from jaxalign.data.loader import validate_source
 
     for i, (_, expected) in enumerate(BROKEN):
         if expected is None:

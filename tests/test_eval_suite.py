@@ -14,10 +14,12 @@ import pytest
 from flax import nnx
 from presets import preset
 
-from jaxalign import eval_report, eval_suite, rewards
+from jaxalign import rewards
 from jaxalign.data.chat import get_template
 from jaxalign.data.tokenizer import load_tokenizer
 from jaxalign.data.world import REFUSAL
+from jaxalign.evals import report as eval_report
+from jaxalign.evals import suite as eval_suite
 from jaxalign.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

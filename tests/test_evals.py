@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxalign.evals import greedy_generate
+from jaxalign.evals.generation import greedy_generate
 from jaxalign.models.transformer import Transformer, TransformerConfig
 
 CFG = TransformerConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,

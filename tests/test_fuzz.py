@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 from presets import preset
 
 from jaxalign.config import MODEL_PRESETS
+from jaxalign.data.loader import DataSettings, Loader, _EncodeIndex
 from jaxalign.data.packing import batch_spec
-from jaxalign.data.pipeline import DataSettings, Loader, _EncodeIndex
 from jaxalign.data.records import OverlongError, RecordError
 from jaxalign.data.tokenizer import load_tokenizer
 from jaxalign.train import Trainer

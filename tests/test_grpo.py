@@ -8,7 +8,7 @@ from presets import preset
 
 from jaxalign import rewards
 from jaxalign.algos import grpo
-from jaxalign.algos.rollout import prompts_per_rollout
+from jaxalign.rollout import prompts_per_rollout
 from jaxalign.train import Trainer, train
 
 

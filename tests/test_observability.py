@@ -13,7 +13,7 @@ from presets import preset
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 
-from jaxalign import sweep
+from jaxalign.jobs import sweep
 from jaxalign.metrics import MetricsWriter, TensorBoardWriter, read_jsonl
 from jaxalign.plots import metric_group, plot_runs, run_labels
 from jaxalign.train import train

@@ -7,9 +7,9 @@ import shutil
 import pytest
 
 from configs.pipeline import get_config
-from jaxalign import pipeline as pipeline_lib
 from jaxalign import train as train_lib
 from jaxalign.checkpoint import Checkpointer
+from jaxalign.jobs import pipeline as pipeline_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

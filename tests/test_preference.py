@@ -86,7 +86,7 @@ def test_in_step_reference_equals_precomputed():
 def test_sequence_logps_count_completion_tokens_only():
     model = Transformer(CFG, rngs=nnx.Rngs(params=0))
     batch = _batch()
-    from jaxalign.algos.pairs import stacked
+    from jaxalign.pairs import stacked
     logps, lengths = dpo.sequence_logps(model, stacked(batch))
     np.testing.assert_array_equal(np.asarray(lengths), [3, 4, 2, 2, 2, 4])
     # Independent: full log-softmax over the unpadded sequence, completion ids only.
@@ -125,7 +125,7 @@ def test_reward_model_loss_and_accuracy():
     model = RewardModel(CFG, rngs=nnx.Rngs(params=0))
     batch = _batch()
     loss, out = _objective(_config(), model, batch, stage=rm)
-    from jaxalign.algos.pairs import stacked
+    from jaxalign.pairs import stacked
     seq = stacked(batch)
     r = np.asarray(model.rewards(seq["inputs_bt"], seq["positions_bt"], seq["segment_ids_bt"]))
     rc, rr = r[:3], r[3:]

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from presets import preset
 
-from jaxalign.algos import rejection as rj
-from jaxalign.algos.rejection import Completion, Selection
-from jaxalign.data.pipeline import DataSettings, Loader
+from jaxalign.data.loader import DataSettings, Loader
 from jaxalign.data.tokenizer import load_tokenizer
+from jaxalign.jobs import rejection as rj
+from jaxalign.jobs.rejection import Completion, Selection
 from jaxalign.train import train
 
 

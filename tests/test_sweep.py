@@ -11,7 +11,7 @@ from absl import flags
 from ml_collections import config_flags
 from presets import preset
 
-from jaxalign import sweep
+from jaxalign.jobs import sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -4,7 +4,7 @@ A stage module provides ``make_loss(config) -> (loss_fn, loss_weights)`` (see
 ``jaxalign.step``), optionally ``make_model`` (default: the decoder) and
 ``frozen_models(config)`` (names of frozen models the step needs),
 ``build_data(config, tokenizer, split, *, process_index, process_count)`` (usually
-``jaxalign.data.pipeline.build_loader`` with the stage's record format: a ``Loader``
+``jaxalign.data.loader.build_loader`` with the stage's record format: a ``Loader``
 with ``iterator()``, ``eval_batches()`` and ``batch_spec()``) and
 ``tokens_per_batch(batch)``. A stage that drives other stages instead (rejection
 sampling's rounds) provides ``run(config, workdir, mesh=None) -> summary``, which
@@ -24,7 +24,7 @@ STAGES = {
     "kto": "jaxalign.algos.kto",
     "grpo": "jaxalign.algos.grpo",
     "ppo": "jaxalign.algos.ppo",
-    "rejection": "jaxalign.algos.rejection",
+    "rejection": "jaxalign.jobs.rejection",
 }
 
 

@@ -17,9 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxalign import losses
-from jaxalign.algos import pairs
-from jaxalign.algos.pairs import halves, mean_pair, pair_valid, stacked
+from jaxalign import losses, pairs
+from jaxalign.pairs import halves, mean_pair, pair_valid, stacked
 from jaxalign.step import Batch, LossOut
 
 # Data side of the stage protocol, shared by every pairwise stage.

@@ -31,8 +31,8 @@ import numpy as np
 from flax import nnx
 
 from jaxalign import losses
-from jaxalign.algos import rollout as rollout_lib
-from jaxalign.algos.rollout import mean_metric
+from jaxalign import rollout as rollout_lib
+from jaxalign.rollout import mean_metric
 from jaxalign.step import Batch, LossOut
 
 build_data = rollout_lib.build_data
@@ -169,6 +169,6 @@ def make_rollout(trainer: Any) -> rollout_lib.Rollout:
 
 def make_evaluator(trainer: Any):
     """Greedy answers on the eval prompts: task accuracy, rewards, refusal rates."""
-    from jaxalign.evals import make_prompt_evaluator
+    from jaxalign.evals.generation import make_prompt_evaluator
 
     return make_prompt_evaluator(trainer)

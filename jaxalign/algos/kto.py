@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxalign import losses
-from jaxalign.algos.pairs import FIELDS, mean_pair
+from jaxalign.pairs import FIELDS, mean_pair
 from jaxalign.step import Batch, LossOut
 
 RECORD_FORMAT = "unpaired"
@@ -103,7 +103,7 @@ def make_loss(config: Any):
 def build_data(config: Any, tokenizer: Any, split: str, *, process_index: int,
                process_count: int):
     """Unpaired (prompt + completion, label) rows for this process."""
-    from jaxalign.data.pipeline import build_loader
+    from jaxalign.data.loader import build_loader
 
     return build_loader(config, tokenizer, split, RECORD_FORMAT, process_index=process_index,
                         process_count=process_count)

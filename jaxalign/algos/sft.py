@@ -38,7 +38,7 @@ def make_loss(config: Any):
 def build_data(config: Any, tokenizer: Any, split: str, *, process_index: int,
                process_count: int):
     """Train or eval batches of SFT records (padded or packed) for this process."""
-    from jaxalign.data.pipeline import build_loader
+    from jaxalign.data.loader import build_loader
 
     return build_loader(config, tokenizer, split, "sft", process_index=process_index,
                         process_count=process_count)

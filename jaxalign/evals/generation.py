@@ -2,8 +2,8 @@
 
 Generation uses the KV-cache sampler (``jaxalign.sampling``), greedy. The eval
 registry (loss, pass@k, preference accuracy, safety, KL, rewards) that
-``launch.eval`` runs on checkpoints is ``jaxalign.eval_suite``; comparisons with a
-baseline and regression gates are ``jaxalign.eval_report``.
+``launch.eval`` runs on checkpoints is ``jaxalign.evals.suite``; comparisons with a
+baseline and regression gates are ``jaxalign.evals.report``.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def make_prompt_evaluator(trainer: Any):
     import itertools
 
     from jaxalign import rewards, sampling
-    from jaxalign.algos.rollout import prompt_arrays
+    from jaxalign.rollout import prompt_arrays
 
     config, tok = trainer.config, trainer.tokenizer
     eos, pad = tok.eos_id, tok.pad_id or 0

@@ -50,7 +50,6 @@ from ml_collections import config_dict
 
 from jaxalign import rewards, sampling
 from jaxalign import sharding as shd
-from jaxalign.algos.rollout import prompt_arrays
 from jaxalign.config import to_json
 from jaxalign.data.encode import Encoder
 from jaxalign.data.records import Location, OverlongError, RecordError
@@ -60,6 +59,7 @@ from jaxalign.mesh import make_mesh, maybe_initialize_distributed
 from jaxalign.metrics import MetricsWriter, Progress
 from jaxalign.models import hf, init_from
 from jaxalign.models.transformer import Transformer, TransformerConfig
+from jaxalign.rollout import prompt_arrays
 from jaxalign.step import ModelDef
 
 MODES = ("sft", "dpo")
@@ -476,7 +476,7 @@ class Generator:
     def evaluate(self, params: Any, records: Sequence[Mapping[str, Any]],
                  prompt_ids: Sequence[Sequence[int]]) -> dict[str, float]:
         """Greedy answers to held-out prompts: task accuracy, refusal rates and rewards."""
-        from jaxalign.evals import generation_metrics
+        from jaxalign.evals.generation import generation_metrics
 
         groups = self.complete(params, records, prompt_ids, self.sampling_config(greedy=True),
                                jax.random.PRNGKey(0))

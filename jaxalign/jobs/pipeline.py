@@ -161,7 +161,7 @@ class Pipeline:
 
     def evaluate(self, stage: Mapping[str, Any]) -> dict[str, Any]:
         """The pipeline's evals on a policy stage, computed once and cached."""
-        from jaxalign import eval_suite
+        from jaxalign.evals import suite as eval_suite
 
         name = stage["name"]
         path = os.path.join(self.dirs[name], EVALS)
@@ -217,7 +217,7 @@ class Pipeline:
 
     def check_gates(self, stage: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Checks a stage's gates against the stage it started from."""
-        from jaxalign import eval_report
+        from jaxalign.evals import report as eval_report
 
         gates = eval_report.parse_gates(list(stage.get("gates", ())))
         base_name = stage.get("init_from", "")

@@ -39,9 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxalign import evals, losses, rewards, sampling
+from jaxalign import losses, rewards, sampling
 from jaxalign.data import records as rec
 from jaxalign.data.sources import load_records
+from jaxalign.evals import generation as evals
 
 # -- pure scoring ------------------------------------------------------------------------
 

@@ -56,7 +56,7 @@ def prompts_per_rollout(config: Any) -> int:
 def build_data(config: Any, tokenizer: Any, split: str, *, process_index: int,
                process_count: int):
     """Prompt batches: ``prompts_per_rollout`` rows for training, the eval batch size else."""
-    from jaxalign.data.pipeline import DataSettings, Loader
+    from jaxalign.data.loader import DataSettings, Loader
 
     rows = prompts_per_rollout(config) if split == "train" else config.data.eval_batch_size
     settings = DataSettings.from_config(config.data, split, "prompt", rows)

@@ -2,7 +2,7 @@
 
 :func:`evaluate` is what ``python -m launch.eval`` runs: it loads the candidate (and
 the baseline, reference and reward model it is given), runs the config's evals on
-each with :func:`jaxalign.eval_suite.run_evals`, and assembles a report with the
+each with :func:`jaxalign.evals.suite.run_evals`, and assembles a report with the
 pure functions below — :func:`compare`, :func:`check_gates` and
 :func:`reward_hacking` — which :func:`write_report` saves as ``report.json`` and
 ``report.md``.
@@ -24,7 +24,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from jaxalign import eval_suite
+from jaxalign.evals import suite as eval_suite
 
 DIRECTIONS = ("higher", "lower")
 
