@@ -1,12 +1,13 @@
 # Two commands: `make demo` (the main job: the SFT -> RM -> DPO -> GRPO pipeline) and
-# `make test` (the whole suite). `make demo` resumes where it stopped; `make clean` starts over.
+# `make test` (the whole suite; `make test-fast` skips the tests marked slow).
+# `make demo` resumes where it stopped; `make clean` starts over.
 # `make notebooks` executes the tutorials in notebooks/ and prints each one's wall time.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/pipeline
 
-.PHONY: demo test notebooks lint clean
+.PHONY: demo test test-fast notebooks lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +26,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest
+
+test-fast: $(VENV)/.installed-dev
+	$(PY) -m pytest -m "not slow"
 
 notebooks: $(VENV)/.installed-dev
 	$(PY) notebooks/run_all.py

@@ -32,69 +32,13 @@ on the 21 held-out benign prompts in some runs (0.57 -> 0.76).
 
 import ml_collections
 
-from jaxalign.config import base_config, model_config
-from jaxalign.rollout import rl_config
+from configs.common import prompt_data, rl_preset
+from jaxalign.config import base_config
 
 
-def prompt_data(config) -> None:
-    """RL data (the builtin world's prompts, held-out eval prompts) and a flat schedule."""
-    config.data.train = config.data.eval = "builtin:world"
-    config.data.train_split = "rl"
-    config.data.eval_split = "eval"
-    config.data.overlong = "truncate_left"
-    config.optim.weight_decay = 0.0
-    config.optim.schedule = "constant"
-
-
-def rl_preset(config, arg: str, *, demo_steps: int, demo_batch: int, demo_every: int,
-              test_steps: int, test_every: int) -> None:
-    """The ``demo``/``test`` presets the RL stages (grpo, ppo) share."""
-    if arg == "demo":
-        config.model = model_config("small")
-        config.model.init_from = "workdir:runs/sft-world"
-        config.data.max_len = config.data.max_prompt_len = 32
-        config.data.eval_batch_size = 64
-        config.train.steps = demo_steps
-        config.train.batch_size = demo_batch
-        config.train.log_every = max(demo_every // 5, 1)
-        config.train.eval_every = demo_every
-        config.train.eval_at_start = True
-        config.optim.learning_rate = 1e-4
-        config.optim.warmup_steps = 5
-        config.checkpoint.save_every = demo_every
-    elif arg == "test":
-        config.model = model_config("tiny")
-        config.data.max_len = config.data.max_prompt_len = 24
-        config.data.eval_batch_size = 16
-        config.rl.max_new_tokens = 6
-        config.rl.rewards = "stopped,length_penalty:0.5"
-        config.train.steps = test_steps
-        config.train.batch_size = 16
-        config.train.log_every = 2
-        config.train.eval_every = test_every
-        config.train.eval_batches = 1
-        config.optim.learning_rate = 1e-3
-        config.optim.warmup_steps = 1
-        config.checkpoint.save_every = test_every
-        config.checkpoint.async_save = False
-        config.metrics.peak_flops = 1e11
-    else:
-        raise ValueError(f"unknown preset {arg!r} for configs/{config.stage}.py; known: demo, "
-                         "test")
-
-
-def get_config(arg: str = "demo"):
+def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
+    """The GRPO preset ``arg`` (``demo``, ``test``) over the library defaults."""
     config = base_config("grpo")
-    config.rl = rl_config()
-    config.grpo = ml_collections.ConfigDict(dict(
-        advantage="std",          # std (GRPO) | none (Dr. GRPO) | rloo
-        loss_agg="seq-mean-token-mean",  # | token-mean (DAPO) | seq-mean-token-sum-norm
-        clip_low=0.2, clip_high=0.2,     # clip_high > clip_low: DAPO's clip-higher
-        importance="token",       # token | sequence (GSPO)
-        dynamic_sampling=False,   # zero-variance groups carry no weight
-        oversample=1,             # sample k× the prompts, train on informative groups (DAPO)
-        entropy_metric=True,
-    ))
     prompt_data(config)
     rl_preset(config, arg, demo_steps=100, demo_batch=128, demo_every=25, test_steps=6,
               test_every=3)

@@ -8,14 +8,13 @@ Presets: ``demo`` (from the SFT demo's workdir) and ``test`` (tiny, seconds).
 
 import ml_collections
 
-from configs.rm import preference_data, preference_preset
+from configs.common import preference_data, preference_preset
 from jaxalign.config import base_config
 
 
-def get_config(arg: str = "demo"):
+def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
+    """The KTO preset ``arg`` (``demo``, ``test``) over the library defaults."""
     config = base_config("kto")
-    config.kto = ml_collections.ConfigDict(dict(beta=0.1, desirable_weight=1.0,
-                                                undesirable_weight=1.0))
     preference_data(config)
     config.data.train_split, config.data.eval_split = "kto", "kto_eval"
     preference_preset(config, arg, demo_steps=200, demo_lr=5e-4)

@@ -12,9 +12,12 @@ Presets: ``demo`` (``make demo``, minutes on a 2-core CPU) and ``test`` (tiny).
     python -m launch.pipeline --config=configs/pipeline.py:demo --workdir=runs/pipeline
 """
 
+from collections.abc import Sequence
+
 import ml_collections
 
-from configs.evals import get_config as evals_config
+from configs.common import eval_suite
+from jaxalign.config import pipeline_config
 
 REPORT_METRICS = ("task/pass@1", "preference/accuracy", "reward/mean", "kl/mean",
                   "safety/refusal_rate", "redteam/refusal_rate", "safety/over_refusal_rate",
@@ -25,13 +28,15 @@ REPORT_METRICS = ("task/pass@1", "preference/accuracy", "reward/mean", "kl/mean"
 UNTRAINED = ("train.steps=1", "optim.learning_rate=0.0", "optim.warmup_steps=0", "data.eval=")
 
 
-def _stage(name, config, init_from="", overrides=(), gates=()):
+def _stage(name: str, config: str, init_from: str = "", overrides: Sequence[str] = (),
+           gates: Sequence[dict] = ()) -> dict:
     return dict(name=name, config=config, init_from=init_from, overrides=list(overrides),
                 gates=list(gates))
 
 
-def get_config(arg: str = "demo"):
-    c = ml_collections.ConfigDict()
+def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
+    """The pipeline preset ``arg`` (``demo``, ``test``) over the library defaults."""
+    c = pipeline_config()
     c.reference = "sft"      # KL and implicit preference rewards are measured against it
     c.reward_model = "rm"    # the RM stage scores replies for reward/mean
     c.report_metrics = list(REPORT_METRICS)
@@ -65,7 +70,7 @@ def get_config(arg: str = "demo"):
                               "train.eval_at_start=False"],
                    gates=[dict(metric="task/pass@1", direction="higher", tolerance=0.03)]),
         ]
-        evals = evals_config("default")
+        evals = eval_suite("default")
         evals.unlock()
         for name, limit in (("task", 240), ("preference", 200), ("safety", 0),
                             ("redteam", 0), ("kl", 64), ("reward", 120), ("heldout", 256)):
@@ -84,7 +89,7 @@ def get_config(arg: str = "demo"):
                    gates=[dict(metric="task/pass@1", direction="higher", tolerance=1.0)]),
             _stage("grpo", "configs/grpo.py:test", init_from="dpo", overrides=tiny[1:]),
         ]
-        evals = evals_config("test")
+        evals = eval_suite("test")
     else:
         raise ValueError(f"unknown preset {arg!r} for configs/pipeline.py; known: demo, test")
     c.evals = evals

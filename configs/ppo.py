@@ -11,25 +11,13 @@ prompts) and ``test`` (tiny, seconds).
 
 import ml_collections
 
-from configs.grpo import prompt_data, rl_preset
+from configs.common import prompt_data, rl_preset
 from jaxalign.config import base_config
-from jaxalign.rollout import rl_config
 
 
-def get_config(arg: str = "demo"):
+def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
+    """The PPO preset ``arg`` (``demo``, ``test``) over the library defaults."""
     config = base_config("ppo")
-    config.rl = rl_config(num_samples=1, epochs=2, minibatches=2, kl_coef=0.05)
-    config.ppo = ml_collections.ConfigDict(dict(
-        gamma=1.0, lam=0.95,
-        clip=0.2,               # policy ratio clip
-        value_clip=0.2,         # value prediction clip around the rollout's values
-        vf_coef=0.1,
-        entropy_coef=0.0,
-        whiten_advantages=True,
-        missing_eos_penalty=1.0,  # subtracted from the score of a cut-off completion
-        kl_target=0.0,          # > 0: adaptive β toward this per-sequence KL
-        kl_horizon=10_000.0,
-    ))
     prompt_data(config)
     rl_preset(config, arg, demo_steps=80, demo_batch=64, demo_every=20, test_steps=8,
               test_every=4)

@@ -18,16 +18,15 @@ before and after every round) and ``test`` (tiny, from scratch, seconds).
 
 import ml_collections
 
-from configs.dpo import get_config as dpo_config
 from jaxalign.config import base_config, model_config
-from jaxalign.jobs.rejection import rejection_config
 
 
-def get_config(arg: str = "demo"):
+def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
+    """The rejection-sampling preset ``arg`` (``demo``, ``test``) over the library defaults.
+
+    ``dpo`` (used when ``rejection.mode=dpo``) keeps the DPO stage's defaults.
+    """
     config = base_config("rejection")
-    config.rejection = rejection_config()
-    # Used when rejection.mode=dpo: the DPO stage's options, with its defaults.
-    config.dpo = ml_collections.ConfigDict(dpo_config("test").dpo.to_dict())
     config.data.train = ""  # each round trains on its own generated records
     config.data.eval = ""  # the rounds are judged by the greedy held-out evaluation
     config.data.overlong = "truncate_left"

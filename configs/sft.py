@@ -17,10 +17,13 @@ Sweeps (``get_sweep``): ``lr`` and ``batch``, e.g.
     python -m launch.sweep --config=configs/sft.py:demo --sweep=lr --workdir=runs/sft-lr
 """
 
+import ml_collections
+
 from jaxalign.config import base_config, model_config
 
 
-def get_config(arg: str = "demo"):
+def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
+    """The SFT preset ``arg`` (``demo``, ``world``, ``test``) over the library defaults."""
     config = base_config("sft")
     if arg == "demo":
         config.model = model_config("small")

@@ -386,3 +386,64 @@ class Throughput:
             out["mfu"] = tps * self.flops_per_token / self.peak_flops
         self._t, self._tokens = now, 0.0
         return out
+
+
+class StepLog:
+    """The loop's log: train rows read one step late, eval rows, progress and throughput.
+
+    A logged step's metrics are fetched only after the next step is queued, so logging
+    never leaves the device idle; ``flush`` writes the held row at once (before an
+    eval or a checkpoint, whose rows come after it). ``check(row, step)`` runs on
+    every train row before it is written (the non-finite guard).
+    """
+
+    def __init__(self, writer: MetricsWriter, progress: Progress, throughput: Throughput,
+                 *, start: int, total: int, check: Any = None):
+        self.writer, self.progress, self.throughput = writer, progress, throughput
+        self.start, self.total = start, total
+        self.check = check or (lambda row, step: None)
+        self.last_train: dict[str, float] = {}
+        self.last_eval: dict[str, float] = {}
+        self._pending: list[tuple[int, Any, dict[str, float], dict[str, float]]] = []
+        self._t0 = time.perf_counter()
+
+    def hold(self, step: int, metrics: Any, host_metrics: Mapping[str, float],
+             data_metrics: Mapping[str, float]) -> None:
+        """Keeps ``step``'s row (device metrics unread) until the next ``flush``."""
+        self._pending.append((step, metrics, dict(host_metrics), dict(data_metrics)))
+
+    def flush(self) -> None:
+        """Writes the held train row, if any."""
+        while self._pending:
+            done, step_metrics, host_metrics, data_metrics = self._pending.pop()
+            row = to_python({**step_metrics, **host_metrics})
+            row.update(self.throughput.read())
+            row.update(data_metrics)
+            self.last_train = row
+            self.check(row, done)
+            self.writer.write(done, "train", row)
+            rate = (time.perf_counter() - self._t0) / max(done - self.start, 1)
+            self.progress.update(done, row, rate * (self.total - done))
+
+    def eval(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Writes an eval row and restarts the throughput window (evals are not steps)."""
+        self.last_eval = dict(metrics)
+        self.writer.write(step, "eval", self.last_eval)
+        self.progress.line(f"eval @ {step}: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in sorted(self.last_eval.items())))
+        self.throughput.reset()
+
+    @property
+    def wall_s(self) -> float:
+        return time.perf_counter() - self._t0
+
+    def close(self, *, failed: bool) -> None:
+        """Writes what is held and closes the sinks; after an error, never masks it."""
+        if not failed:
+            self.flush()
+        else:
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - the error in flight is the one to report
+                pass
+        self.writer.close()

@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxalign.data.loader import build_loader
 from jaxalign.step import Batch
 
 FIELDS = ("inputs_bt", "targets_bt", "loss_mask_bt", "segment_ids_bt", "positions_bt")
@@ -38,8 +39,6 @@ def mean_pair(x_b: jax.Array, valid_b: jax.Array) -> tuple[jax.Array, jax.Array]
 def build_data(config: Any, tokenizer: Any, split: str, *, process_index: int,
                process_count: int):
     """Preference pairs (prompt + chosen, prompt + rejected) for this process."""
-    from jaxalign.data.loader import build_loader
-
     return build_loader(config, tokenizer, split, "preference", process_index=process_index,
                         process_count=process_count)
 

@@ -29,7 +29,11 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxalign import policy
+from jaxalign import sharding as shd
 from jaxalign.data.world import REFUSAL
+from jaxalign.models import init_from
+from jaxalign.models.heads import RewardModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,40 +181,25 @@ class RewardModelScorer:
 
     def __init__(self, workdir: str, *, mesh: jax.sharding.Mesh, rules: Any,
                  eos_id: int, pad_id: int = 0, max_len: int = 0):
-        from flax import nnx
-
-        from jaxalign import sharding as shd
-        from jaxalign.models import init_from
-        from jaxalign.models.heads import RewardModel
-        from jaxalign.models.transformer import TransformerConfig
-
         run = init_from.read_run_config(workdir)
         if run.get("stage") != "rm":
             raise ValueError(f"rm:{workdir} is a {run.get('stage')!r} run; a reward source "
                              "needs the workdir of an RM (stage 'rm') run")
-        cfg = TransformerConfig.from_mapping(run["model"])
-        graphdef, abstract = nnx.split(nnx.eval_shape(
-            lambda: RewardModel(cfg, rngs=nnx.Rngs(params=0))), nnx.Param)
-        abstract_params = nnx.to_pure_dict(abstract)
-        shardings = shd.param_shardings(abstract_params, shd.logical_axes_tree(abstract),
-                                        mesh, rules)
-        self.params = init_from.restore_workdir_params(workdir, abstract_params, shardings)
+        # The RM scores with its LoRA adapters (if any) applied as it trained, not merged.
+        model_def, self.params = policy.load_model(
+            f"workdir:{workdir}", init_from.run_model_config(run), mesh=mesh, rules=rules,
+            module=RewardModel, merge_lora=False)
         self.eos_id, self.pad_id, self.max_len = eos_id, pad_id, max_len
         self.mesh = mesh
 
         def score(params, tokens_bt, positions_bt, segment_ids_bt):
             with shd.axis_rules(mesh, rules):
-                state = jax.tree.map(lambda x: x, abstract)
-                nnx.replace_by_pure_dict(state, params)
-                model = nnx.merge(graphdef, state)
-                return model.rewards(tokens_bt, positions_bt, segment_ids_bt)
+                return model_def.merge(params).rewards(tokens_bt, positions_bt, segment_ids_bt)
 
         self._score = jax.jit(score)
 
     def __call__(self, prompt_ids: Sequence[Sequence[int]],
                  completion_ids: Sequence[Sequence[int]]) -> np.ndarray:
-        from jaxalign import sharding as shd
-
         seqs = []
         for p, c in zip(prompt_ids, completion_ids, strict=True):
             ids = list(p) + list(c)

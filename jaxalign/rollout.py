@@ -27,10 +27,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign import losses, rewards
+from jaxalign import losses, policy, rewards, sampling
 from jaxalign import sharding as shd
+from jaxalign.algos.base import Loader, RunContext
+from jaxalign.config import section
+from jaxalign.data.loader import DataSettings
+from jaxalign.data.loader import Loader as DataLoader
+from jaxalign.models import lora
+from jaxalign.step import ModelDef
 
 SEQ_KEYS = ("inputs_bt", "targets_bt", "positions_bt", "segment_ids_bt", "loss_mask_bt")
+# Key of the rollout's host state inside the checkpointed data state.
+ROLLOUT_STATE_KEY = "rollout"
 
 
 def oversample(config: Any) -> int:
@@ -56,11 +64,10 @@ def prompts_per_rollout(config: Any) -> int:
 def build_data(config: Any, tokenizer: Any, split: str, *, process_index: int,
                process_count: int):
     """Prompt batches: ``prompts_per_rollout`` rows for training, the eval batch size else."""
-    from jaxalign.data.loader import DataSettings, Loader
-
     rows = prompts_per_rollout(config) if split == "train" else config.data.eval_batch_size
     settings = DataSettings.from_config(config.data, split, "prompt", rows)
-    return Loader(settings, tokenizer, process_index=process_index, process_count=process_count)
+    return DataLoader(settings, tokenizer, process_index=process_index,
+                      process_count=process_count)
 
 
 def check_config(config: Any) -> None:
@@ -80,6 +87,17 @@ def check_config(config: Any) -> None:
     rewards.check_spec(rl.rewards)
 
 
+def make_rewards(ctx: RunContext) -> rewards.Rewards:
+    """The run's reward (``config.rl.rewards``), built once and shared by the rollout and
+    the in-training eval (a reward model is loaded once)."""
+    def build() -> rewards.Rewards:
+        tok = ctx.tokenizer
+        return rewards.Rewards(ctx.config.rl.rewards, options=ctx.config.rl.to_dict(),
+                               mesh=ctx.mesh, rules=ctx.rules, eos_id=tok.eos_id,
+                               pad_id=tok.pad_id or 0)
+    return ctx.shared("rewards", build)
+
+
 @dataclasses.dataclass
 class Rollout:
     """Samples, scores and lays out one RL batch; built once per run by an RL stage.
@@ -92,46 +110,38 @@ class Rollout:
     log-prob pass, so the unused rows cost only their sampling.
     """
 
-    trainer: Any
+    ctx: RunContext
     advantages: Callable[[dict[str, np.ndarray], np.ndarray], tuple[dict, dict]]
     value_fn: Callable[..., jax.Array] | None = None
     select: Callable[[np.ndarray, np.ndarray, int, int], tuple[np.ndarray, dict]] | None = None
 
     def __post_init__(self):
-        from jaxalign import sampling
-
-        t = self.trainer
+        ctx = self.ctx
         if jax.process_count() > 1:
             raise NotImplementedError("RL stages run in one process for now (any number of "
                                       "devices); multi-process rollouts are not supported yet")
-        config = t.config
+        config = ctx.config
         check_config(config)
         rl = config.rl
         self.rl = rl
-        self.tokenizer = t.tokenizer
-        self.eos_id, self.pad_id = t.tokenizer.eos_id, t.tokenizer.pad_id or 0
+        self.tokenizer = ctx.tokenizer
+        self.eos_id, self.pad_id = ctx.tokenizer.eos_id, ctx.tokenizer.pad_id or 0
         self.sampling = sampling.SamplingConfig(
             max_new_tokens=rl.max_new_tokens, temperature=float(rl.temperature),
             top_k=rl.top_k, top_p=float(rl.top_p), stop_tokens=(self.eos_id,),
             num_samples=rl.num_samples, pad_id=self.pad_id)
-        self.sampler = sampling.make_sampler(t.model_def, self.sampling, mesh=t.mesh,
-                                             rules=t.rules)
-        self.scorer = rewards.Rewards(rl.rewards, options=rl.to_dict(), mesh=t.mesh,
-                                      rules=t.rules, eos_id=self.eos_id, pad_id=self.pad_id)
+        self.scorer = make_rewards(ctx)
         self.reuse = rl.epochs * rl.minibatches > 1
-        model_def, mesh, rules = t.model_def, t.mesh, t.rules
+        model_def, mesh, rules = ctx.model_def, ctx.mesh, ctx.rules
         # The KL reference is the initial policy. With LoRA that is the policy's own
         # params with the adapters off: no second copy of the weights.
-        self.shared_reference = rl.kl_coef > 0 and t.model_cfg.lora is not None
+        self.shared_reference = rl.kl_coef > 0 and ctx.model_cfg.lora is not None
         ref_def = model_def
         if self.shared_reference:
-            from jaxalign.models import lora
-            from jaxalign.step import ModelDef
-
             ref_def = ModelDef(lora.without_adapters(model_def.graphdef,
                                                      model_def.abstract_state),
                                model_def.abstract_state)
-        self.reference = (t._initial_params() if rl.kl_coef > 0 and not self.shared_reference
+        self.reference = (ctx.initial_params() if rl.kl_coef > 0 and not self.shared_reference
                           else None)
         value_fn, temp = self.value_fn, float(rl.temperature)
 
@@ -149,6 +159,7 @@ class Rollout:
 
         self._logprob_pass = jax.jit(logprob_pass)
         self._key = jax.random.PRNGKey(config.seed + 1)
+        self.host_state: dict[str, Any] = {}
 
     @property
     def has_reference(self) -> bool:
@@ -156,15 +167,16 @@ class Rollout:
 
     def state(self) -> dict[str, Any]:
         """Host-side state to checkpoint with the data position (e.g. an adaptive KL)."""
-        return dict(getattr(self, "host_state", {}))
+        return dict(self.host_state)
 
     def load_state(self, state: Mapping[str, Any]) -> None:
         self.host_state = dict(state)
 
     def batch_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """Shapes of one training batch (for ahead-of-time compilation)."""
-        rows = self.trainer.config.train.batch_size
-        width = self.trainer.config.data.max_prompt_len or self.trainer.config.data.max_len
+        config = self.ctx.config
+        rows = config.train.batch_size
+        width = config.data.max_prompt_len or config.data.max_len
         t = width + self.rl.max_new_tokens
         spec = {k: ((rows, t), np.dtype(np.float32 if k == "loss_mask_bt" else np.int32))
                 for k in SEQ_KEYS}
@@ -197,14 +209,12 @@ class Rollout:
     def __call__(self, state: Mapping[str, Any], host: Mapping[str, Any], step: int
                  ) -> list[tuple[dict[str, jax.Array], dict[str, float]]]:
         """The training batches (and host metrics) of one rollout started at ``step``."""
-        from jaxalign import sampling
-
-        t = self.trainer
-        mesh, g = t.mesh, self.rl.num_samples
+        mesh, g = self.ctx.mesh, self.rl.num_samples
         t0 = time.perf_counter()
-        prompts = prompt_arrays(host, mesh)
-        out = self.sampler(state["params"], *prompts, jax.random.fold_in(self._key, step))
-        out = jax.device_get(out)
+        # The sampler reads the trainer's params in place: no weight copy.
+        out = policy.sample_batch(self.ctx.model_def, state["params"], host["prompt_tokens_bt"],
+                                  host["prompt_mask_bt"], jax.random.fold_in(self._key, step),
+                                  self.sampling, mesh=mesh, rules=self.ctx.rules)
         t1 = time.perf_counter()
 
         prompt_tokens = np.repeat(host["prompt_tokens_bt"], g, axis=0)
@@ -236,7 +246,7 @@ class Rollout:
         batch = {k: np.asarray(v) for k, v in batch.items()}
         batch["weight_b"] = real_b.astype(np.float32)
         batch["stopped_b"] = np.asarray(out.stopped_b, np.float32)
-        rows = self.trainer.config.train.batch_size * self.rl.minibatches
+        rows = self.ctx.config.train.batch_size * self.rl.minibatches
         select_metrics: dict[str, float] = {}
         if len(reward_b) > rows:
             if self.select is None:
@@ -275,9 +285,9 @@ class Rollout:
 
     def _minibatches(self, batch: dict[str, np.ndarray], metrics: dict[str, float],
                      step: int) -> list[tuple[dict[str, jax.Array], dict[str, float]]]:
-        rows = self.trainer.config.train.batch_size
+        rows = self.ctx.config.train.batch_size
         m = self.rl.minibatches
-        rng = np.random.default_rng([self.trainer.config.seed, step])
+        rng = np.random.default_rng([self.ctx.config.seed, step])
         # Every update of this rollout carries an equal share of its sampling time, so
         # the logged time split is the rollout's whatever step gets logged.
         share = {k: (v / (m * self.rl.epochs) if k.startswith("time/") else v)
@@ -291,24 +301,73 @@ class Rollout:
             for i in range(m):
                 idx = order[i * rows:(i + 1) * rows] if m > 1 else np.arange(rows)
                 part = {k: v[idx] for k, v in batch.items()}
-                out.append((shd.global_batch(part, self.trainer.mesh), share))
+                out.append((shd.global_batch(part, self.ctx.mesh), share))
         return out
 
 
-def prompt_arrays(host: Mapping[str, Any], mesh: jax.sharding.Mesh
-                  ) -> tuple[jax.Array, jax.Array]:
-    """A prompt batch on the mesh: row-sharded when the rows split evenly, else replicated.
+class RolloutBatches:
+    """An online stage's training batches (a ``jaxalign.algos.base.BatchSource``).
 
-    A rollout of ``G`` samples per prompt may have fewer prompts than data-parallel
-    devices; the sampler's ``B × G`` rows are sharded either way.
+    Each prompt batch of the loader becomes one rollout, sampled with the params of
+    the step it starts at; its ``epochs × minibatches`` batches feed that many steps.
+    A checkpoint is possible only between rollouts, and it records the loader's
+    position with the rollout's host state (e.g. PPO's adaptive KL coefficient), so a
+    resumed run continues both exactly.
     """
-    tokens, mask = host["prompt_tokens_bt"], host["prompt_mask_bt"]
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    if tokens.shape[0] % dp == 0:
-        arrays = shd.global_batch({"t": tokens, "m": mask}, mesh)
-        return arrays["t"], arrays["m"]
-    rep = shd.replicated(mesh)
-    return jax.device_put(tokens, rep), jax.device_put(mask, rep)
+
+    synchronous = True  # the next rollout needs this update's params anyway
+
+    def __init__(self, rollout: Rollout, prompts: Loader):
+        self.rollout = rollout
+        self.prompts = prompts.iterator()
+        self._queue: list[tuple[dict[str, jax.Array], dict[str, float]]] = []
+        self._state = self.prompts.get_state()
+        self._t0 = 0.0
+
+    def batch_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        return self.rollout.batch_spec()
+
+    def next(self, state: Mapping[str, Any], step: int):
+        if not self._queue:
+            self._queue = self.rollout(state, next(self.prompts), step)
+            self._state = {**self.prompts.get_state(),
+                           ROLLOUT_STATE_KEY: self.rollout.state()}
+        batch, host_metrics = self._queue.pop(0)
+        self._t0 = time.perf_counter()
+        return batch, batch, dict(host_metrics)
+
+    def after_update(self, metrics: Any, host_metrics: dict[str, float]) -> dict[str, float]:
+        """Waits for the update (the time split stays honest) and adds the split."""
+        jax.block_until_ready(metrics)
+        host_metrics = {**host_metrics, "time/update_s": time.perf_counter() - self._t0}
+        parts = ("rollout", "reward", "logprobs", "update", "handoff")
+        total = sum(host_metrics.get(f"time/{k}_s", 0.0) for k in parts)
+        for k in parts:
+            host_metrics[f"time_frac/{k}"] = host_metrics.get(f"time/{k}_s", 0.0) / max(
+                total, 1e-9)
+        return host_metrics
+
+    @property
+    def at_boundary(self) -> bool:
+        return not self._queue
+
+    def get_state(self) -> dict[str, Any]:
+        return self._state
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        state = dict(state)
+        rollout_state = state.pop(ROLLOUT_STATE_KEY, None)
+        if state:
+            self.prompts.set_state(state)
+        self._state = self.prompts.get_state()
+        if rollout_state is not None:
+            self.rollout.load_state(rollout_state)
+
+    def metrics(self) -> dict[str, float]:
+        return self.prompts.metrics()
+
+    def close(self) -> None:
+        self.prompts.close()
 
 
 def token_logps(model: Any, seq: Mapping[str, jax.Array], temperature: float) -> jax.Array:
@@ -319,20 +378,32 @@ def token_logps(model: Any, seq: Mapping[str, jax.Array], temperature: float) ->
 
 
 def rl_config(**overrides: Any):
-    """The ``rl`` config section every RL stage reads (see ``configs/grpo.py``)."""
-    import ml_collections
+    """The ``rl`` config section every RL stage reads, with its defaults.
 
-    rl = ml_collections.ConfigDict(dict(
-        num_samples=8,        # G completions per prompt
-        max_new_tokens=16,
-        temperature=1.0, top_k=0, top_p=1.0,
-        rewards="exact_answer",  # "name[:weight],..."; rm:<RM workdir> for a reward model
-        overlong_buffer=0,    # overlong_penalty's soft zone (0 = max_new_tokens // 4)
-        kl_coef=0.0,          # β; 0 drops the reference model
-        kl_estimator="k3",
-        epochs=1,             # updates per rollout batch (μ)
-        minibatches=1,        # optimizer steps per epoch; rollout = minibatches × batch_size
-    ))
+    Args:
+      **overrides: a stage's own defaults for some keys (e.g. PPO's ``num_samples=1``).
+    """
+    rl = section(
+        "rl", "Rollouts of the online RL stages: sampling, rewards, the KL penalty and how "
+        "often each rollout is reused (jaxalign.rollout).",
+        num_samples=(8, "G completions sampled per prompt (one group)"),
+        max_new_tokens=(16, "longest completion, in tokens"),
+        temperature=(1.0, "sampling temperature (log-probs are those of logits / "
+                     "temperature)"),
+        top_k=(0, "sample among the k likeliest tokens; 0 = all"),
+        top_p=(1.0, "nucleus sampling: the smallest set of tokens with this much mass; "
+               "1 = all"),
+        rewards=("exact_answer", "\"name[:weight],...\" of reward functions "
+                 "(jaxalign.rewards); rm:<RM workdir> for a reward model"),
+        overlong_buffer=(0, "overlong_penalty's soft zone in tokens (0 = max_new_tokens // "
+                         "4)"),
+        kl_coef=(0.0, "β of the per-token KL penalty toward the initial policy; 0 drops the "
+                 "reference model"),
+        kl_estimator=("k3", "per-token KL estimator: k1 | k2 | k3"),
+        epochs=(1, "updates per rollout batch (μ)"),
+        minibatches=(1, "optimizer steps per epoch; a rollout is minibatches × "
+                     "train.batch_size rows"),
+    )
     rl.update(overrides)
     return rl
 

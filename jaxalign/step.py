@@ -107,6 +107,64 @@ def _objective(loss_fn: LossFn, model_def: ModelDef, frozen_defs: Mapping[str, M
     return fn
 
 
+def _accumulate(objective: Callable, grad_fn: Callable, params: Any, micro: Batch,
+                num_micro: int, args: tuple[Any, Any, Any], dropout_rng: jax.Array
+                ) -> tuple[Any, Any, Any]:
+    """Sums gradients, loss terms and metric (sum, count) pairs over the micro-batches."""
+    weights, frozen, fixed = args
+
+    def accumulate(carry, xs):
+        mb, i = xs
+        grads_acc, terms_acc, metrics_acc = carry
+        (_, (terms, metrics)), grads = grad_fn(
+            params, mb, weights, frozen, fixed, jax.random.fold_in(dropout_rng, i))
+        grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+        terms_acc = jax.tree.map(jnp.add, terms_acc, terms)
+        metrics_acc = jax.tree.map(jnp.add, metrics_acc, metrics)
+        return (grads_acc, terms_acc, metrics_acc), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    _, (terms_shape, metrics_shape) = jax.eval_shape(objective, params, first, weights,
+                                                     frozen, fixed)
+    zeros = lambda tree: jax.tree.map(  # noqa: E731
+        lambda s: jnp.zeros(s.shape, s.dtype), tree)
+    init = (jax.tree.map(jnp.zeros_like, params), zeros(terms_shape), zeros(metrics_shape))
+    (grads, terms, metric_sums), _ = jax.lax.scan(
+        accumulate, init, (micro, jnp.arange(num_micro)))
+    return grads, terms, metric_sums
+
+
+def _guarded_update(state: TrainState, params: Any, fixed: Any, updates: Any,
+                    new_opt_state: Any, loss: jax.Array, grad_norm: jax.Array
+                    ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """The next state, unless the loss, gradient or update is non-finite: then the old
+    params and optimizer state are kept and the step is counted."""
+    new_params = optax.apply_updates(params, updates)
+    update_norm = optax.tree.norm(updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+    keep = lambda new, old: jax.tree.map(  # noqa: E731
+        lambda n, o: jnp.where(finite, n, o), new, old)
+    step = state["step"]
+    new_state = {
+        "params": lora.join(keep(new_params, params), fixed),
+        "opt_state": keep(new_opt_state, state["opt_state"]),
+        "step": step + 1,
+        "rng": jax.random.fold_in(state["rng"], step),
+        "nonfinite_count": state["nonfinite_count"] + (~finite).astype(jnp.int32),
+        "first_nonfinite_step": jnp.where(
+            (state["first_nonfinite_step"] < 0) & ~finite, step,
+            state["first_nonfinite_step"]),
+    }
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "param_norm": optax.tree.norm(new_state["params"]),
+        "update_norm": update_norm,
+        "_nonfinite": (~finite).astype(jnp.float32),
+    }
+    return new_state, metrics
+
+
 def make_train_step(loss_fn: LossFn, loss_weights: WeightsFn, *, model_def: ModelDef,
                     tx: optax.GradientTransformation,
                     schedule: Callable[[jax.Array], jax.Array], num_micro: int, mesh: Mesh,
@@ -134,62 +192,22 @@ def make_train_step(loss_fn: LossFn, loss_weights: WeightsFn, *, model_def: Mode
 
     def train_step(state: TrainState, batch: Batch, frozen: Mapping[str, Any] | None = None):
         with shd.axis_rules(mesh, rules):
-            all_params = state["params"]
-            params, fixed = lora.partition(all_params, model_def.trainable)
+            params, fixed = lora.partition(state["params"], model_def.trainable)
             frozen = jax.lax.stop_gradient(dict(frozen or {}))
             weights = loss_weights(batch)
             micro = split_micro_batches(batch, num_micro, mesh)
             # A stream of its own, so that dropout never reuses a key drawn elsewhere.
             dropout_rng = jax.random.fold_in(state["rng"], 0x4C6F5241)
-
-            def accumulate(carry, xs):
-                mb, i = xs
-                grads_acc, terms_acc, metrics_acc = carry
-                (_, (terms, metrics)), grads = grad_fn(
-                    params, mb, weights, frozen, fixed, jax.random.fold_in(dropout_rng, i))
-                grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
-                terms_acc = jax.tree.map(jnp.add, terms_acc, terms)
-                metrics_acc = jax.tree.map(jnp.add, metrics_acc, metrics)
-                return (grads_acc, terms_acc, metrics_acc), None
-
-            first = jax.tree.map(lambda x: x[0], micro)
-            _, (terms_shape, metrics_shape) = jax.eval_shape(objective, params, first, weights,
-                                                             frozen, fixed)
-            zeros = lambda tree: jax.tree.map(  # noqa: E731
-                lambda s: jnp.zeros(s.shape, s.dtype), tree)
-            init = (jax.tree.map(jnp.zeros_like, params), zeros(terms_shape),
-                    zeros(metrics_shape))
-            (grads, terms, metric_sums), _ = jax.lax.scan(
-                accumulate, init, (micro, jnp.arange(num_micro)))
-
+            grads, terms, metric_sums = _accumulate(
+                objective, grad_fn, params, micro, num_micro,
+                (weights, frozen, fixed), dropout_rng)
             loss = combine(terms, weights)
             grad_norm = optax.tree.norm(grads)
             updates, new_opt_state = tx.update(grads, state["opt_state"], params)
-            new_params = optax.apply_updates(params, updates)
-
-            update_norm = optax.tree.norm(updates)
-            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
-            keep = lambda new, old: jax.tree.map(  # noqa: E731
-                lambda n, o: jnp.where(finite, n, o), new, old)
-            step = state["step"]
-            new_state = {
-                "params": lora.join(keep(new_params, params), fixed),
-                "opt_state": keep(new_opt_state, state["opt_state"]),
-                "step": step + 1,
-                "rng": jax.random.fold_in(state["rng"], step),
-                "nonfinite_count": state["nonfinite_count"] + (~finite).astype(jnp.int32),
-                "first_nonfinite_step": jnp.where(
-                    (state["first_nonfinite_step"] < 0) & ~finite, step,
-                    state["first_nonfinite_step"]),
-            }
-            metrics = {
-                "loss": loss,
-                "grad_norm": grad_norm,
-                "param_norm": optax.tree.norm(new_state["params"]),
-                "update_norm": update_norm,
-                "learning_rate": schedule(step),
-                "nonfinite": (~finite).astype(jnp.float32),
-            }
+            new_state, metrics = _guarded_update(state, params, fixed, updates, new_opt_state,
+                                                 loss, grad_norm)
+            metrics["learning_rate"] = schedule(state["step"])
+            metrics["nonfinite"] = metrics.pop("_nonfinite")
             for name, w in weights.items():
                 metrics[f"count/{name}"] = w
             for name, (s, c) in metric_sums.items():

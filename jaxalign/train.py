@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import itertools
 import json
 import os
-import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -21,25 +18,30 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
-from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
 from jaxalign import algos
 from jaxalign import sharding as shd
 from jaxalign import step as step_lib
+from jaxalign.algos.base import BatchSource, Loader, RunContext
 from jaxalign.checkpoint import Checkpointer, abstract_with_shardings
 from jaxalign.config import check_config, to_json
 from jaxalign.data.tokenizer import check_vocab, load_tokenizer
 from jaxalign.mesh import barrier, make_mesh, maybe_initialize_distributed
-from jaxalign.metrics import MetricsWriter, Progress, Throughput, peak_flops_probe, to_python
+from jaxalign.metrics import (
+    MetricsWriter,
+    Progress,
+    StepLog,
+    Throughput,
+    peak_flops_probe,
+    to_python,
+)
 from jaxalign.models import init_from, lora
 from jaxalign.models.transformer import Transformer, TransformerConfig
 from jaxalign.optim import make_optimizer
 from jaxalign.precompute import PrecomputedColumns
+from jaxalign.preemption import Preemption
 
-# Key of an RL rollout's host state inside the checkpointed data state.
-ROLLOUT_STATE_KEY = "rollout"
 # Model fields that change parameter shapes or meaning: a checkpoint written
 # with other values cannot be resumed.
 _SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
@@ -147,37 +149,72 @@ def state_layout(config: ml_collections.ConfigDict, model_cfg: TransformerConfig
     return model_def, abstract_state, shardings, init_fn
 
 
-def _install_sigterm_handler(trainer: Trainer) -> Callable[[], None]:
-    """SIGTERM sets a flag checked at the next step boundary; returns the restorer."""
-    trainer._sigterm = False
-    trainer._stop_vote = None
+def device_fields(host: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The array fields of a host batch (prompt batches also carry host-only ``extras``)."""
+    return {k: v for k, v in host.items() if isinstance(v, np.ndarray)}
 
-    def handler(signum, frame):
-        trainer._sigterm = True
 
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (e.g. a notebook worker): no handler
-        return lambda: None
-    return lambda: signal.signal(signal.SIGTERM, previous)
+class LoaderBatches:
+    """The loop's batches straight from a stage's loader (a ``BatchSource``), with any
+    precomputed columns of a frozen model added."""
+
+    synchronous = False
+    at_boundary = True
+
+    def __init__(self, loader: Loader, columns: PrecomputedColumns | None, mesh: Mesh):
+        self.iterator = loader.iterator()
+        self._spec = loader.batch_spec()
+        self.columns, self.mesh = columns, mesh
+
+    def batch_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        spec = dict(self._spec)
+        if self.columns is not None:
+            rows = next(iter(spec.values()))[0][0]
+            spec.update({k: ((rows,), np.dtype(np.float32)) for k in self.columns.train})
+        return spec
+
+    def next(self, state: Mapping[str, Any], step: int):
+        del state
+        host = next(self.iterator)
+        if self.columns is not None:
+            rows = len(host[next(iter(device_fields(host)))])
+            host = {**host, **self.columns.for_train_batch(step, rows)}
+        return shd.global_batch(device_fields(host), self.mesh), host, {}
+
+    def after_update(self, metrics: Any, host_metrics: dict[str, float]) -> dict[str, float]:
+        del metrics
+        return host_metrics
+
+    def get_state(self) -> dict[str, Any]:
+        return self.iterator.get_state()
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        self.iterator.set_state(dict(state))
+
+    def metrics(self) -> dict[str, float]:
+        return self.iterator.metrics()
+
+    def close(self) -> None:
+        self.iterator.close()
 
 
 class Trainer:
-    """Holds the jitted functions and state of one run; ``fit()`` runs the loop."""
+    """One run: its data, state, jitted steps and checkpoints; ``fit()`` runs the loop.
+
+    Stages see none of it: their hooks get the config, the data or a read-only
+    :class:`~jaxalign.algos.base.RunContext` (``self.context``).
+    """
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str,
                  mesh: Mesh | None = None):
         check_config(config)  # typos and impossible sizes fail before any work
         check_workdir_path(workdir)
         maybe_initialize_distributed()
-        self._sigterm = False
-        self.config = config
         self.workdir = workdir
         self.mesh = mesh if mesh is not None else make_mesh(config.mesh)
         check_batch_layout(config, self.mesh)
         self.stage = algos.get_stage(config.stage)
-        # Stage options are checked before any data or model work.
-        getattr(self.stage, "check_config", lambda _: None)(config)
+        self.stage.check_config(config)  # stage options fail before any data or model work
         # An hf:/workdir: source dictates the architecture (changed keys are logged).
         self.config = config = init_from.resolve_config(config)
         self.model_cfg = TransformerConfig.from_mapping(config.model)
@@ -195,35 +232,60 @@ class Trainer:
         self.train_data = self.stage.build_data(config, self.tokenizer, "train", **pinfo)
         self.eval_data = (self.stage.build_data(config, self.tokenizer, "eval", **pinfo)
                           if config.data.eval else None)
-
         self.rules = shd.rules_from_config(config.sharding.rules)
         self.tx, self.schedule = make_optimizer(config.optim, config.train.steps)
         self._build_state_layout()
         # Orbax's manager runs the first cross-process collective, and gloo gives a late
         # process only 30 s to join one: meet first (data validation times differ).
         barrier("init")
-        # Only now, with every process past its compatibility check (which reads the old
-        # file), and atomically, so a kill mid-write never leaves a truncated file.
-        if jax.process_index() == 0:
-            path = os.path.join(workdir, "config.json")
-            with open(path + ".tmp", "w", encoding="utf-8") as f:
-                f.write(to_json(config))
-            os.replace(path + ".tmp", path)
+        self._write_run_config()
         self.checkpointer = Checkpointer(
             os.path.join(workdir, "checkpoints"), save_every=config.checkpoint.save_every,
             keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-        self.state, self.data_state = self._init_or_restore()
-        # The data position is the iterator's JSON state, saved in every checkpoint.
-        self.train_iter = self.train_data.iterator()
-        restored_data = dict(self.data_state or {})
-        rollout_state = restored_data.pop(ROLLOUT_STATE_KEY, None)
+        self.state, restored_data = self._init_or_restore()
+        self.context = RunContext(
+            config=config, tokenizer=self.tokenizer, mesh=self.mesh, rules=self.rules,
+            model_cfg=self.model_cfg, model_def=self.model_def, eval_data=self.eval_data,
+            param_shardings=self.state_shardings["params"],
+            initial_params_fn=self._load_initial_params)
+        self._build_steps()
+        self.columns = self._precomputed_columns()
+        # Online RL stages turn prompt batches into training batches (rollouts); the
+        # loop consumes either the same way.
+        self.batches: BatchSource = (
+            self.stage.make_batches(self.context, self.train_data)
+            or LoaderBatches(self.train_data, self.columns, self.mesh))
         if restored_data:
-            self.train_iter.set_state(restored_data)
-        self.data_state = self.train_iter.get_state()
-        loss_fn, loss_weights = self.stage.make_loss(config)
-        # Frozen models (an in-step DPO reference) start from the run's initial params
-        # and stay outside the donated state.
-        names = getattr(self.stage, "frozen_models", lambda _: ())(config)
+            self.batches.set_state(restored_data)
+        self.evaluator = self.stage.make_evaluator(self.context)
+
+    # -- state -----------------------------------------------------------------
+
+    def _build_state_layout(self) -> None:
+        layout = state_layout(self.config, self.model_cfg, self.tx, self.mesh, self.rules,
+                              model_cls=self.stage.make_model)
+        self.model_def, self.abstract_state, self.state_shardings, self._init_state = layout
+        lora.check_checkpoint_config(self.config)
+        if self.model_def.trainable is not None:
+            n_train, n_all = lora.count(self.abstract_state["params"], self.model_def.trainable)
+            Progress(0).line(f"LoRA rank {self.model_cfg.lora.rank}: {n_train:,} of {n_all:,} "
+                             f"params train ({100 * n_train / n_all:.2f}%)")
+
+    def _write_run_config(self) -> None:
+        """Writes ``config.json`` only now, with every process past its compatibility
+        check (which reads the old file), and atomically, so a kill mid-write never
+        leaves a truncated file."""
+        if jax.process_index() == 0:
+            path = os.path.join(self.workdir, "config.json")
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                f.write(to_json(self.config))
+            os.replace(path + ".tmp", path)
+
+    def _build_steps(self) -> None:
+        """Jits the train and eval steps; frozen models stay outside the donated state."""
+        loss_fn, loss_weights = self.stage.make_loss(self.config)
+        # Frozen models (an in-step DPO reference) start from the run's initial params.
+        names = self.stage.frozen_models(self.config)
         frozen_defs = {name: self.model_def for name in names}
         # With LoRA the reference is the frozen base itself: the policy's params with the
         # adapters off, so it needs no copy of the weights.
@@ -232,42 +294,19 @@ class Trainer:
             frozen_defs[name] = step_lib.ModelDef(
                 lora.without_adapters(self.model_def.graphdef, self.model_def.abstract_state),
                 self.model_def.abstract_state)
-        self.frozen = {name: self._initial_params() for name in names if name not in shared}
+        self.frozen = {name: self.context.initial_params() for name in names
+                       if name not in shared}
         params_sh = self.state_shardings["params"]
         frozen_sh = {name: params_sh for name in self.frozen}
-        self._train_step = jax.jit(
-            step_lib.make_train_step(
-                loss_fn, loss_weights, model_def=self.model_def, tx=self.tx,
-                schedule=self.schedule, num_micro=config.train.micro_batches, mesh=self.mesh,
-                rules=self.rules, frozen_defs=frozen_defs, policy_frozen=shared),
+        common = dict(model_def=self.model_def, mesh=self.mesh, rules=self.rules,
+                      frozen_defs=frozen_defs, policy_frozen=shared)
+        self.train_step = jax.jit(
+            step_lib.make_train_step(loss_fn, loss_weights, tx=self.tx, schedule=self.schedule,
+                                     num_micro=self.config.train.micro_batches, **common),
             in_shardings=(self.state_shardings, None, frozen_sh),
             out_shardings=(self.state_shardings, None), donate_argnums=0)
-        self._eval_step = jax.jit(step_lib.make_eval_step(
-            loss_fn, loss_weights, model_def=self.model_def, mesh=self.mesh, rules=self.rules,
-            frozen_defs=frozen_defs, policy_frozen=shared),
-            in_shardings=(params_sh, None, frozen_sh))
-        self.columns = self._precomputed_columns()
-        # Online RL stages turn each prompt batch into training batches (a rollout) and
-        # evaluate by generating; the loop is otherwise the same.
-        self.rollout = (self.stage.make_rollout(self) if hasattr(self.stage, "make_rollout")
-                        else None)
-        self.evaluator = (self.stage.make_evaluator(self)
-                          if hasattr(self.stage, "make_evaluator") else None)
-        self._queue: list[tuple[dict[str, Any], dict[str, float]]] = []
-        if self.rollout is not None and rollout_state is not None:
-            self.rollout.load_state(rollout_state)
-
-    # -- state -----------------------------------------------------------------
-
-    def _build_state_layout(self) -> None:
-        layout = state_layout(self.config, self.model_cfg, self.tx, self.mesh, self.rules,
-                              model_cls=getattr(self.stage, "make_model", Transformer))
-        self.model_def, self.abstract_state, self.state_shardings, self._init_state = layout
-        lora.check_checkpoint_config(self.config)
-        if self.model_def.trainable is not None:
-            n_train, n_all = lora.count(self.abstract_state["params"], self.model_def.trainable)
-            Progress(0).line(f"LoRA rank {self.model_cfg.lora.rank}: {n_train:,} of {n_all:,} "
-                             f"params train ({100 * n_train / n_all:.2f}%)")
+        self.eval_step = jax.jit(step_lib.make_eval_step(loss_fn, loss_weights, **common),
+                                 in_shardings=(params_sh, None, frozen_sh))
 
     def _checkpointed(self, tree: dict[str, Any]) -> dict[str, Any]:
         """The part of a state-like tree that checkpoints hold.
@@ -281,12 +320,12 @@ class Trainer:
 
     def _precomputed_columns(self) -> PrecomputedColumns | None:
         """Columns a frozen model adds to every batch, computed once before training."""
-        spec = getattr(self.stage, "precomputed_columns", lambda _: None)(self.config)
+        spec = self.stage.precomputed_columns(self.config)
         if spec is None:
             return None
         name, fn = spec
-        params, model_def, mesh, rules = self._initial_params(), self.model_def, self.mesh, \
-            self.rules
+        params, model_def, mesh, rules = (self.context.initial_params(), self.model_def,
+                                          self.mesh, self.rules)
 
         def columns(p, batch):
             with shd.axis_rules(mesh, rules):
@@ -299,14 +338,14 @@ class Trainer:
                        "options": c[c.stage].to_dict() if c.stage in c else {}}
         cols = PrecomputedColumns(
             os.path.join(self.workdir, f"precomputed_{name}.npz"), fingerprint,
-            lambda batch: jitted(params, batch), self.mesh, _device_fields)
+            lambda batch: jitted(params, batch), self.mesh, device_fields)
         t0 = time.perf_counter()
         if cols.prepare_train(self.train_data.iterator, c.train.steps):
             Progress(0).line(f"precomputed {name} columns for {c.train.steps} batches in "
                              f"{time.perf_counter() - t0:.1f}s")
         return cols
 
-    def _initial_params(self) -> Any:
+    def _load_initial_params(self) -> Any:
         """The params a fresh run starts from (``model.init_from`` over a fresh init)."""
         params = init_from.load_params(
             self.config.model.init_from, self.model_cfg, self.abstract_state["params"],
@@ -329,13 +368,19 @@ class Trainer:
             return state, {}
         step, state, data_state = restored
         if self.config.checkpoint.adapters_only:
-            state["params"] = init_from.overlay(self._initial_params(), state["params"])
+            state["params"] = init_from.overlay(self._load_initial_params(), state["params"])
         logging.info("resumed from step %d (%s)", step, self.checkpointer.directory)
         return state, data_state
 
+    @property
+    def data_state(self) -> dict[str, Any]:
+        """The data position a checkpoint taken now records."""
+        return self.batches.get_state()
+
     # -- loop ------------------------------------------------------------------
 
-    def _eval(self) -> dict[str, float]:
+    def evaluate(self) -> dict[str, float]:
+        """The stage's eval of the current params, or the eval split's loss."""
         if self.evaluator is not None:
             return self.evaluator(self.state["params"])
         totals = None
@@ -344,13 +389,13 @@ class Trainer:
         if self.columns is not None:
             batches = self.columns.for_eval_batches(batches)
         for host in batches:
-            out = self._eval_step(self.state["params"],
-                                  shd.global_batch(_device_fields(host), self.mesh), self.frozen)
+            out = self.eval_step(self.state["params"],
+                                 shd.global_batch(device_fields(host), self.mesh), self.frozen)
             out = jax.tree.map(lambda x: np.asarray(x, np.float64), jax.device_get(out))
             totals = out if totals is None else jax.tree.map(np.add, totals, out)
         return {} if totals is None else step_lib.finish_eval(totals)
 
-    def _check_nonfinite(self, metrics: dict[str, Any], step: int) -> None:
+    def _check_nonfinite(self, metrics: Mapping[str, Any], step: int) -> None:
         """Under ``train.nonfinite=stop``, raises if any update so far was non-finite.
 
         Called at every log line and before every checkpoint, so the error comes within
@@ -376,11 +421,55 @@ class Trainer:
             "Lower optim.learning_rate, check the data, or set train.nonfinite=skip to skip "
             "such updates.")
 
-    def _save(self, step: int, metrics: dict[str, Any] | None, *, force: bool = False) -> None:
+    def _save(self, step: int, metrics: Mapping[str, Any] | None, *,
+              force: bool = False) -> None:
         """Checkpoints ``step`` (on schedule, or with ``force``) unless an update was non-finite."""
         if force or step % self.checkpointer.save_every == 0:
             self._check_nonfinite(metrics or {}, step)
-        self.checkpointer.save(step, self._checkpointed(self.state), self.data_state, force=force)
+        self.checkpointer.save(step, self._checkpointed(self.state), self.data_state,
+                               force=force)
+
+    def _start_log(self, start: int) -> StepLog:
+        """The run's log, after one header line with the FLOP convention and the mesh."""
+        cfg, model_cfg = self.config, self.model_cfg
+        # Rows past the restored step were logged by a run that died before its next
+        # checkpoint; this run recomputes them.
+        writer = MetricsWriter(self.workdir, cfg.metrics, resume_step=start,
+                               run_config=cfg.to_dict())
+        progress = Progress(cfg.train.steps)
+        seq_len = cfg.data.max_len
+        flops_tok = model_cfg.flops_per_token(seq_len)
+        # Fake CPU devices share one host's cores: the probe already measures the whole host.
+        n_chips = 1 if jax.devices()[0].platform == "cpu" else jax.device_count()
+        peak = cfg.metrics.peak_flops or peak_flops_probe() * n_chips
+        peak_src = "config" if cfg.metrics.peak_flops else "matmul probe"
+        n = model_cfg.matmul_params()
+        progress.line(
+            f"model: {n:,} matmul params; FLOPs/token = 6*N_matmul + 6*L*T*D = 6*{n} + "
+            f"6*{model_cfg.n_layers}*{seq_len}*{model_cfg.d_model} = {flops_tok:.3e}; "
+            f"peak {peak:.3e} FLOP/s ({peak_src})")
+        progress.line(f"mesh {dict(self.mesh.shape)} on {jax.device_count()} "
+                      f"{jax.devices()[0].platform} devices; starting at step {start}")
+        return StepLog(writer, progress, Throughput(flops_tok, peak), start=start,
+                       total=cfg.train.steps, check=self._check_nonfinite)
+
+    def _log_step(self, log: StepLog, done: int, stop: int, metrics: Any,
+                  host_metrics: dict[str, float], tokens: int, flush_now: bool) -> None:
+        """Books one step: the previous row is read now, this one is held (or read at
+        once when an eval, a checkpoint or the end follows)."""
+        log.flush()
+        log.throughput.add_tokens(tokens * jax.process_count())
+        cfg = self.config.train
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            log.hold(done, metrics, host_metrics, self.batches.metrics())
+            if (flush_now or self.batches.synchronous or done == stop
+                    or done % self.checkpointer.save_every == 0):
+                log.flush()
+
+    def _eval_due(self, done: int) -> bool:
+        cfg = self.config.train
+        return self.eval_data is not None and (done % cfg.eval_every == 0
+                                               or done == cfg.steps)
 
     def fit(self, num_steps: int | None = None) -> dict[str, Any]:
         """Runs from the current step to ``train.steps``; returns the last metrics.
@@ -391,169 +480,56 @@ class Trainer:
         """
         cfg = self.config.train
         start = int(jax.device_get(self.state["step"]))
-        # Rows past the restored step were logged by a run that died before its next
-        # checkpoint; this run recomputes them. ``self.writer.log_text`` takes samples.
-        writer = self.writer = MetricsWriter(self.workdir, self.config.metrics,
-                                             resume_step=start, run_config=self.config.to_dict())
-        progress = Progress(cfg.steps)
-        seq_len = self.config.data.max_len
-        flops_tok = self.model_cfg.flops_per_token(seq_len)
-        # Fake CPU devices share one host's cores: the probe already measures the whole host.
-        n_chips = 1 if jax.devices()[0].platform == "cpu" else jax.device_count()
-        peak = self.config.metrics.peak_flops or peak_flops_probe() * n_chips
-        peak_src = "config" if self.config.metrics.peak_flops else "matmul probe"
-        progress.line(
-            f"model: {self.model_cfg.matmul_params():,} matmul params; FLOPs/token = "
-            f"6*N_matmul + 6*L*T*D = 6*{self.model_cfg.matmul_params()} + "
-            f"6*{self.model_cfg.n_layers}*{seq_len}*{self.model_cfg.d_model} = {flops_tok:.3e}; "
-            f"peak {peak:.3e} FLOP/s ({peak_src})")
-        progress.line(f"mesh {dict(self.mesh.shape)} on {jax.device_count()} "
-                      f"{jax.devices()[0].platform} devices; starting at step {start}")
-
+        stop = cfg.steps if num_steps is None else min(cfg.steps, start + num_steps)
         compiled = self._compile()
         barrier("first_step")
-        throughput = Throughput(flops_tok, peak)
-        last_train: dict[str, float] = {}
-        last_eval: dict[str, float] = {}
-        t_start = time.perf_counter()
-        pending: list[tuple[int, Any, dict[str, float], dict[str, float]]] = []
-
-        def flush() -> None:
-            """Writes the train row held back from the last logged step, if any."""
-            nonlocal last_train
-            while pending:
-                done, step_metrics, host_metrics, data_metrics = pending.pop()
-                last_train = to_python({**step_metrics, **host_metrics})
-                last_train.update(throughput.read())
-                last_train.update(data_metrics)
-                self._check_nonfinite(last_train, done)
-                writer.write(done, "train", last_train)
-                rate = (time.perf_counter() - t_start) / max(done - start, 1)
-                progress.update(done, last_train, rate * (cfg.steps - done))
-        metrics = None
-        preempted = False
-        restore_handler = _install_sigterm_handler(self)
-        try:
-            if cfg.eval_at_start and start == 0 and self.eval_data is not None:
-                # The starting point's numbers, for before/after comparisons in one file.
-                last_eval = self._eval()
-                writer.write(0, "eval", last_eval)
-                progress.line("eval @ 0: " + ", ".join(
-                    f"{k} {v:.4f}" for k, v in sorted(last_eval.items())))
-            stop = cfg.steps if num_steps is None else min(cfg.steps, start + num_steps)
-            for step in range(start, stop):
-                host_metrics: dict[str, float] = {}
-                if self.rollout is not None:
-                    host, host_metrics = self._rl_step(step, compiled)
-                    metrics = self._last_metrics
-                else:
-                    host = next(self.train_iter)
-                    if self.columns is not None:
-                        rows = len(host[next(iter(_device_fields(host)))])
-                        host = {**host, **self.columns.for_train_batch(step, rows)}
-                    batch = shd.global_batch(_device_fields(host), self.mesh)
+        log = self._start_log(start)
+        metrics, preempted = {}, False
+        with Preemption(self.mesh) as preemption:
+            try:
+                if cfg.eval_at_start and start == 0 and self.eval_data is not None:
+                    # The starting point's numbers, for before/after comparisons in one file.
+                    log.eval(0, self.evaluate())
+                for step in range(start, stop):
+                    batch, host, host_metrics = self.batches.next(self.state, step)
                     self.state, metrics = compiled(self.state, batch, self.frozen)
-                    self.data_state = self.train_iter.get_state()
-                # The previous logged step's metrics are read only now, with this step
-                # already queued on the device: logging never leaves the device idle.
-                flush()
-                throughput.add_tokens(self.stage.tokens_per_batch(host) * jax.process_count())
-                done = step + 1
-                eval_due = self.eval_data is not None and (done % cfg.eval_every == 0
-                                                           or done == cfg.steps)
-                if done % cfg.log_every == 0 or done == cfg.steps:
-                    pending.append((done, metrics, host_metrics, self.train_iter.metrics()))
-                    if (self.rollout is not None or eval_due or done == stop or self._sigterm
-                            or done % self.checkpointer.save_every == 0):
-                        flush()  # a checkpoint or eval follows: its rows come first
-                if eval_due:
-                    last_eval = self._eval()
-                    writer.write(done, "eval", last_eval)
-                    progress.line(f"eval @ {done}: " + ", ".join(
-                        f"{k} {v:.4f}" for k, v in sorted(last_eval.items())))
-                    throughput.reset()
-                if self._queue:
-                    # Mid-rollout: the rest of this rollout's batches are not in any
-                    # checkpoint, so saving (or stopping) waits for its last update.
-                    continue
-                self._save(done, {**metrics, **host_metrics})
-                if self._preemption_requested(done):
-                    preempted = True
-                    progress.line(f"preempted at step {done}: checkpointing and exiting; rerun "
-                                  "the same command to resume")
-                    break
-            flush()
-            end = int(jax.device_get(self.state["step"]))
-            if self.checkpointer.latest_step() != end:
-                self._save(end, metrics, force=True)
-        finally:
-            restore_handler()
-            self.checkpointer.wait()
-            if sys.exc_info()[0] is None:
-                flush()
-            else:  # keep what was measured, but never mask the error in flight
-                with contextlib.suppress(Exception):
-                    flush()
-            writer.close()
+                    host_metrics = self.batches.after_update(metrics, host_metrics)
+                    done, eval_due = step + 1, self._eval_due(step + 1)
+                    self._log_step(log, done, stop, metrics, host_metrics,
+                                   self.stage.tokens_per_batch(host),
+                                   eval_due or preemption.signalled)
+                    if eval_due:
+                        log.eval(done, self.evaluate())
+                    if not self.batches.at_boundary:
+                        # Mid-rollout: the rest of its batches are in no checkpoint, so
+                        # saving (or stopping) waits for its last update.
+                        continue
+                    self._save(done, {**metrics, **host_metrics})
+                    if preemption.requested(done):
+                        preempted = True
+                        log.progress.line(f"preempted at step {done}: checkpointing and "
+                                          "exiting; rerun the same command to resume")
+                        break
+                log.flush()
+                end = int(jax.device_get(self.state["step"]))
+                if self.checkpointer.latest_step() != end:
+                    self._save(end, metrics, force=True)
+            finally:
+                self.checkpointer.wait()
+                log.close(failed=sys.exc_info()[0] is not None)
         skipped = int(jax.device_get(self.state["nonfinite_count"]))
         if skipped:
             logging.warning("%d update(s) skipped for non-finite loss or gradient", skipped)
-        return {"train": last_train, "eval": last_eval, "nonfinite_skipped": skipped,
-                "preempted": preempted, "wall_s": time.perf_counter() - t_start}
-
-    def _rl_step(self, step: int, compiled) -> tuple[dict[str, Any], dict[str, float]]:
-        """One update of an online RL stage; a new rollout when the last one is used up.
-
-        Returns the training batch and the rollout's host metrics plus the time split.
-        """
-        if not self._queue:
-            self._queue = self.rollout(self.state, next(self.train_iter), step)
-            # The rollout's own host state (an adaptive KL coefficient) is checkpointed
-            # with the data position, so a resumed run continues it exactly.
-            self.data_state = {**self.train_iter.get_state(),
-                               ROLLOUT_STATE_KEY: self.rollout.state()}
-        batch, host_metrics = self._queue.pop(0)
-        t0 = time.perf_counter()
-        self.state, self._last_metrics = compiled(self.state, batch, self.frozen)
-        # RL steps are sequential anyway (the next rollout needs these params): waiting
-        # here costs nothing and makes the time split honest.
-        jax.block_until_ready(self._last_metrics)
-        t_update = time.perf_counter() - t0
-        host_metrics = dict(host_metrics)
-        host_metrics["time/update_s"] = t_update
-        total = sum(host_metrics.get(f"time/{k}_s", 0.0)
-                    for k in ("rollout", "reward", "logprobs", "update", "handoff"))
-        for k in ("rollout", "reward", "logprobs", "update", "handoff"):
-            host_metrics[f"time_frac/{k}"] = host_metrics.get(f"time/{k}_s", 0.0) / max(
-                total, 1e-9)
-        return batch, host_metrics
-
-    def _preemption_requested(self, step: int) -> bool:
-        """Whether to stop after the checkpoint of ``step`` (SIGTERM or a preemption notice).
-
-        With several processes a local SIGTERM is only a vote: a process stopping on its
-        own would leave the others waiting in their next collective. The votes are
-        combined by a max over all processes that is read one step boundary later, so
-        every process stops at the same step without waiting for the device each step.
-        """
-        if jax.process_count() == 1:
-            return self._sigterm
-        vote, self._stop_vote = self._stop_vote, _any_process(self._sigterm, self.mesh)
-        if vote is not None and int(vote.addressable_data(0)):
-            return True
-        # All processes agree on the step at which to stop (JAX's preemption service).
-        try:
-            return multihost_utils.reached_preemption_sync_point(step)
-        except RuntimeError:
-            return False
+        return {"train": log.last_train, "eval": log.last_eval, "nonfinite_skipped": skipped,
+                "preempted": preempted, "wall_s": log.wall_s}
 
     def _compile(self):
         abstract_batch = {
             k: jax.ShapeDtypeStruct((shape[0] * jax.process_count(), *shape[1:]), dtype,
                                     sharding=shd.batch_sharding(self.mesh, len(shape)))
-            for k, (shape, dtype) in self._batch_spec().items()}
+            for k, (shape, dtype) in self.batches.batch_spec().items()}
         t0 = time.perf_counter()
-        compiled = self._train_step.lower(self.state, abstract_batch, self.frozen).compile()
+        compiled = self.train_step.lower(self.state, abstract_batch, self.frozen).compile()
         msg = f"train_step compiled in {time.perf_counter() - t0:.1f}s"
         mem = compiled.memory_analysis()
         if mem is not None:
@@ -562,49 +538,16 @@ class Trainer:
         Progress(0).line(msg)
         return compiled
 
-    def _batch_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
-        if self.rollout is not None:
-            return self.rollout.batch_spec()
-        spec = dict(self.train_data.batch_spec())
-        if self.columns is not None:
-            rows = next(iter(spec.values()))[0][0]
-            spec.update({k: ((rows,), np.dtype(np.float32)) for k in self.columns.train})
-        return spec
-
     def close(self) -> None:
-        self.train_iter.close()
+        self.batches.close()
         self.checkpointer.close()
-
-
-@functools.cache
-def _vote_max(mesh: Mesh) -> tuple[NamedSharding, Callable[[jax.Array], jax.Array]]:
-    flat = Mesh(mesh.devices.reshape(-1), ("all",))
-    return (NamedSharding(flat, P("all")),
-            jax.jit(jnp.max, out_shardings=NamedSharding(flat, P())))
-
-
-def _any_process(flag: bool, mesh: Mesh) -> jax.Array:
-    """Starts a max of ``flag`` over every process; returns it without waiting (replicated)."""
-    sharding, vote_max = _vote_max(mesh)
-    local = np.full((len(mesh.local_devices),), int(flag), np.int32)
-    return vote_max(jax.make_array_from_process_local_data(sharding, local))
-
-
-def _device_fields(host: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The array fields of a host batch (prompt batches also carry host-only ``extras``)."""
-    return {k: v for k, v in host.items() if isinstance(v, np.ndarray)}
 
 
 def train(config: ml_collections.ConfigDict, workdir: str,
           mesh: Mesh | None = None) -> dict[str, Any]:
     """Trains ``config.stage`` in ``workdir`` (resuming if it holds checkpoints)."""
-    stage = algos.get_stage(config.stage)
-    if hasattr(stage, "run"):
-        # A stage that drives other stages (rejection sampling's rounds) runs itself.
-        return stage.run(config, workdir, mesh=mesh)
     trainer = Trainer(config, workdir, mesh=mesh)
     try:
         return trainer.fit()
     finally:
         trainer.close()
-

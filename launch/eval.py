@@ -15,14 +15,13 @@ import os
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from jaxalign.evals import report as eval_report
+from launch import config_flag
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "evals.py") + ":default"
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG,
-                                          "Evals config file[:preset].", lock_config=True)
+_CONFIG = config_flag("Evals config file[:preset].", default=_DEFAULT_CONFIG)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to evaluate (its latest "
                                "checkpoint).")
 _HF = flags.DEFINE_string("hf", None, "Hugging Face checkpoint directory to evaluate instead.")

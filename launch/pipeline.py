@@ -10,12 +10,11 @@ import os
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from jaxalign.jobs.pipeline import GateFailed, Pipeline, render_table
+from launch import config_flag
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Pipeline config file[:preset].",
-                                          lock_config=True)
+_CONFIG = config_flag("Pipeline config file[:preset].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Root directory; stage i runs in "
                                "WORKDIR/<i>-<name>.")
 _STOP_AFTER = flags.DEFINE_string("stop_after", "", "Stop once this stage is finished.")

@@ -19,10 +19,11 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jaxalign.config import apply_overrides
 from jaxalign.jobs import sweep
+from launch import config_flag
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file[:preset].",
-                                          lock_config=True)
+_CONFIG = config_flag("Stage config file[:preset].")
 _SWEEP = flags.DEFINE_string("sweep", None, "Sweep name passed to the config's get_sweep.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep root; each run trains in ROOT/<run>/.")
 _PRINT = flags.DEFINE_bool("print", False, "Print one launch.train command per run and exit.")
@@ -41,7 +42,7 @@ def main(argv):
     root = _WORKDIR.value
     if _PRINT.value:
         for r in runs:  # a misspelled key is an error here, not on the cluster
-            sweep.apply_overrides(_CONFIG.value, r)
+            apply_overrides(_CONFIG.value, r, where="sweep")
         for name, r in zip(sweep.run_names(runs), runs, strict=True):
             print(sweep.launch_command(config_arg, os.path.join(root, name), r, base))
         return

@@ -4,12 +4,11 @@ Override any config value with ``--config.<key>=<value>``; unknown keys are erro
 """
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from jaxalign.train import train
+from jaxalign.jobs import run_stage
+from launch import config_flag
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file[:preset].",
-                                          lock_config=True)
+_CONFIG = config_flag("Stage config file[:preset].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config, metrics, checkpoints).")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -20,7 +19,8 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         # Library INFO logs (Orbax, XLA) drown the progress lines; --verbosity=0 brings them back.
         logging.set_verbosity(logging.WARNING)
-    summary = train(_CONFIG.value, _WORKDIR.value)
+    # A training stage goes to jaxalign.train.train; a job (rejection rounds) runs itself.
+    summary = run_stage(_CONFIG.value, _WORKDIR.value)
     if summary["preempted"]:
         print(f"stopped by SIGTERM after a checkpoint in {_WORKDIR.value}")
         return

@@ -98,6 +98,7 @@ def plain():
     return state, batch, _loss_and_grads(BASE, state, batch)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SWITCHES))
 def test_switch_keeps_sft_loss_and_grads(plain, name):
     state, batch, (total, metrics, grads) = plain
@@ -108,6 +109,7 @@ def test_switch_keeps_sft_loss_and_grads(plain, name):
     _close(got_grads, grads)
 
 
+@pytest.mark.slow
 def test_rl_loss_with_chunked_logps_and_entropy_matches():
     config = preset("grpo", **{"grpo.entropy_metric": True, "rl.temperature": 0.8,
                                "rl.kl_coef": 0.0})
@@ -129,6 +131,7 @@ SPLASH_BASE = dataclasses.replace(BASE, n_layers=2, layer_types=("sliding", "ful
                                   sliding_window=40, attn_softcap=20.0)
 
 
+@pytest.mark.slow
 def test_splash_attention_matches_einsum_on_a_packed_batch():
     batch = _batch(b=4, t=128)
     _, state = _split(SPLASH_BASE)
@@ -157,6 +160,7 @@ def _temp_bytes(cfg, batch):
     return compiled.memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_chunking_and_remat_shrink_temporary_memory():
     # A vocabulary much wider than the model: the [b, t, v] logits dominate.
     wide = dataclasses.replace(BASE, vocab_size=4096, n_layers=2)

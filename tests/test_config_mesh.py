@@ -20,8 +20,9 @@ from jaxalign.train import state_layout
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = {"sft": ["demo", "world", "test"], "rm": ["demo", "test"], "dpo": ["demo", "test"],
            "kto": ["demo", "test"], "grpo": ["demo", "test"], "ppo": ["demo", "test"]}
-# Config files that are not one training stage (a stage list, an eval suite, ...).
-NOT_STAGES = {"__init__", "evals", "pipeline", "rejection"}
+# Config files that are not one training stage (a stage list, an eval suite, shared preset
+# helpers, ...).
+NOT_STAGES = {"__init__", "common", "evals", "pipeline", "rejection"}
 
 
 def _load(path):

@@ -282,6 +282,7 @@ def test_eval_batches_cover_every_record_once(tok, process_count, pack):
 # --- exact resume ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_is_exact(tok, world_train, workers):
     """Batches after a restore equal those of the uninterrupted run (like with like)."""
@@ -437,6 +438,7 @@ def test_make_rows_keeps_examples_whole(tok, world_train):
     assert set(counts.values()) == {1}
 
 
+@pytest.mark.slow
 def test_trainer_logs_packing_and_resumes_packed(tmp_path):
     """The trainer checkpoints the iterator state: a packed run resumes exactly."""
     import shutil

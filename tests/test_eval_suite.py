@@ -19,7 +19,10 @@ from jaxalign.data.chat import get_template
 from jaxalign.data.tokenizer import load_tokenizer
 from jaxalign.data.world import REFUSAL
 from jaxalign.evals import report as eval_report
+from jaxalign.evals import scoring
 from jaxalign.evals import suite as eval_suite
+from jaxalign.mesh import make_mesh
+from jaxalign.policy import ModelPolicy, Sample, load_policy
 from jaxalign.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,7 +45,7 @@ class StubPolicy:
         for p in prompts:
             greedy, drawn = self.replies[tuple(p)]
             texts = [greedy] * num_samples if temperature == 0 else drawn[:num_samples]
-            out.append([eval_suite.Sample(TOK.encode(t) + [TOK.eos_id], True) for t in texts])
+            out.append([Sample(TOK.encode(t) + [TOK.eos_id], True) for t in texts])
         return out
 
     def token_logps(self, sequences):
@@ -61,20 +64,20 @@ def _run(policy, kind, records, ctx=None, **opts):
 def test_pass_at_k_is_the_unbiased_estimator():
     for n, c, k in [(5, 2, 1), (10, 3, 3), (8, 0, 4), (8, 8, 4), (6, 5, 2), (20, 1, 5)]:
         want = 1 - math.comb(n - c, k) / math.comb(n, k)
-        assert eval_suite.pass_at_k(n, c, k) == pytest.approx(want, abs=1e-12)
-    assert eval_suite.pass_at_k(5, 2, 1) == pytest.approx(0.4)  # pass@1 = c / n
-    assert eval_suite.pass_at_k(4, 1, 4) == 1.0 and eval_suite.pass_at_k(4, 0, 4) == 0.0
+        assert scoring.pass_at_k(n, c, k) == pytest.approx(want, abs=1e-12)
+    assert scoring.pass_at_k(5, 2, 1) == pytest.approx(0.4)  # pass@1 = c / n
+    assert scoring.pass_at_k(4, 1, 4) == 1.0 and scoring.pass_at_k(4, 0, 4) == 0.0
     with pytest.raises(ValueError):
-        eval_suite.pass_at_k(3, 1, 4)
+        scoring.pass_at_k(3, 1, 4)
 
 
 def test_majority_vote():
     # Answers are compared stripped; ties go to the answer seen first.
-    assert eval_suite.maj_at_k(["7", " 7", "8"], [True, True, False], 3)
-    assert not eval_suite.maj_at_k(["8", "7", "7", "9"], [False, True, True, False], 2)
-    assert eval_suite.maj_at_k(["8", "7", "7", "9"], [False, True, True, False], 3)
-    assert eval_suite.majority_index(["a", "b", "b", "a"]) == 0
-    assert eval_suite.win_rate(np.array([2.0, 1.0, 0.0]), np.array([1.0, 1.0, 3.0])) == 0.5
+    assert scoring.maj_at_k(["7", " 7", "8"], [True, True, False], 3)
+    assert not scoring.maj_at_k(["8", "7", "7", "9"], [False, True, True, False], 2)
+    assert scoring.maj_at_k(["8", "7", "7", "9"], [False, True, True, False], 3)
+    assert scoring.majority_index(["a", "b", "b", "a"]) == 0
+    assert scoring.win_rate(np.array([2.0, 1.0, 0.0]), np.array([1.0, 1.0, 3.0])) == 0.5
 
 
 # -- evals on stub policies ----------------------------------------------------------------
@@ -296,8 +299,9 @@ def runs(tmp_path_factory):
     return base, cand
 
 
+@pytest.mark.slow
 def test_model_policy_loss_and_deterministic_sampling(runs):
-    policy = eval_suite.load_policy(str(runs[0]), batch_size=4)
+    policy = load_policy(str(runs[0]), batch_size=4)
     records = [{"prompt": "What is 2 + 3?", "response": "5"},
                {"messages": [{"role": "user", "content": "Hi"},
                              {"role": "assistant", "content": "Hello there."},
@@ -327,13 +331,29 @@ def test_model_policy_loss_and_deterministic_sampling(runs):
                for r in records]
     kw = dict(max_new_tokens=4, num_samples=2, temperature=1.0, seed=7)
     first = policy.generate(prompts, **kw)
-    again = eval_suite.ModelPolicy(policy.model, TOK, TEMPLATE, name="again",
-                                   batch_size=4).generate(prompts, **kw)
+    again = ModelPolicy(policy.model, TOK, TEMPLATE, name="again",
+                        batch_size=4).generate(prompts, **kw)
     assert first == again and len(first) == 3 and all(len(g) == 2 for g in first)
+
+
+@pytest.mark.slow
+def test_model_policy_on_a_mesh_matches_one_device(runs):
+    """The same checkpoint sharded over (data, fsdp, tensor) = (2, 2, 2) answers the same."""
+    one = load_policy(str(runs[0]), batch_size=4)
+    many = load_policy(str(runs[0]), batch_size=4,
+                       mesh=make_mesh(dict(data=2, fsdp=2, tensor=2)))
+    assert all(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(many.params))
+    prompts = [TEMPLATE.encode_prompt([{"role": "user", "content": t}])
+               for t in ("What is 2 + 3?", "Hi", "Uppercase: melon")]
+    assert many.generate(prompts, max_new_tokens=6) == one.generate(prompts, max_new_tokens=6)
+    seqs = [p + [5, 6, 7] for p in prompts]
+    for a, b in zip(many.token_logps(seqs), one.token_logps(seqs), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
 # -- end to end --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_launch_eval_with_baseline_and_failing_gate(runs, tmp_path):
     base, cand = runs
     out = tmp_path / "out"

@@ -220,6 +220,7 @@ def _check_batch(batch, fmt):
             assert np.isin(batch[key], (0, 1)).all(), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["sft", "preference", "prompt"])
 @FUZZ
 @given(data=st.data())

@@ -23,6 +23,7 @@ def _rows(workdir, split="train"):
         return [r for r in map(json.loads, f) if r["split"] == split]
 
 
+@pytest.mark.slow
 def test_grpo_raises_reward_and_sampler_matches_trainer(tmp_path):
     config = preset("grpo", **{"rl.rewards": "test_even_ids", "train.steps": 12,
                                "train.log_every": 1, "train.eval_every": 12,
@@ -41,6 +42,7 @@ def test_grpo_raises_reward_and_sampler_matches_trainer(tmp_path):
     assert "task_accuracy" in out["eval"] and "reward/mean" in out["eval"]
 
 
+@pytest.mark.slow
 def test_grpo_several_updates_per_rollout(tmp_path):
     """epochs x minibatches updates reuse one rollout: ratios leave 1, checkpoints wait."""
     config = preset("grpo", **{"rl.rewards": "test_even_ids", "rl.epochs": 2,
@@ -77,6 +79,7 @@ def test_select_groups_prefers_informative_groups():
     assert again.tolist() == [2, 3, 6, 7, 10, 11]
 
 
+@pytest.mark.slow
 def test_grpo_oversample_trains_on_informative_groups(tmp_path):
     config = preset("grpo", **{"rl.rewards": "test_even_ids", "train.steps": 2,
                                "train.log_every": 1, "train.eval_every": 100,

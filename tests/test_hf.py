@@ -148,6 +148,7 @@ def test_tensor_map_reads_any_slice_and_inverts():
     assert m.to_ours(full_hf)[5, 2, 3] == full_hf[2 * 8 + 3, 5]
 
 
+@pytest.mark.slow
 def test_sharded_checkpoint_on_8_devices_equals_single_device(tmp_path):
     cfg, _ = _save_tiny(tmp_path / "ckpt", max_shard_bytes=20_000, qkv_bias=True,
                         family="qwen2")

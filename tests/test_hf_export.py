@@ -60,6 +60,7 @@ def hf_run(tmp_path_factory):
                 final=_params(trainer.state["params"]), root=root)
 
 
+@pytest.mark.slow
 def test_hf_init_takes_shape_and_weights_from_the_checkpoint(hf_run):
     _assert_trees_equal(hf_run["initial"], hf_run["src_params"])
     with open(os.path.join(hf_run["workdir"], "config.json"), encoding="utf-8") as f:
@@ -70,6 +71,7 @@ def test_hf_init_takes_shape_and_weights_from_the_checkpoint(hf_run):
     assert model["init_from"] == f"hf:{hf_run['src']}"
 
 
+@pytest.mark.slow
 def test_export_cli_loads_in_transformers(hf_run):
     transformers = pytest.importorskip("transformers", reason="needs transformers (dev extra)")
     torch = pytest.importorskip("torch", reason="needs torch==2.13.0 (dev extra)")
@@ -112,6 +114,7 @@ def test_export_cli_loads_in_transformers(hf_run):
         ours_tok.bos_id, ours_tok.eos_id, ours_tok.vocab_size)
 
 
+@pytest.mark.slow
 def test_workdir_chain_and_resume_prefers_own_checkpoints(hf_run, tmp_path):
     chained = str(tmp_path / "dpo")
     config = _config(**{"model.init_from": f"workdir:{hf_run['workdir']}", "train.steps": 2,
@@ -140,6 +143,7 @@ def test_init_from_errors(tmp_path):
         Trainer(_config(**{"model.init_from": f"workdir:{tmp_path}"}), str(tmp_path / "run"))
 
 
+@pytest.mark.slow
 def test_partial_init_for_a_model_with_other_params(hf_run):
     """A target with a param the sources lack (a new head) gets the rest loaded."""
     cfg = hf_run["cfg"]

@@ -23,6 +23,8 @@ from safetensors.numpy import load_file  # noqa: E402
 
 from jaxalign.models import hf, hf_config  # noqa: E402
 
+pytestmark = pytest.mark.slow  # against transformers in torch
+
 VOCAB, PROMPT, NEW = 96, 8, 16
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1,

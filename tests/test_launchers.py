@@ -77,6 +77,7 @@ def test_slurm_node_lists_and_task_counts():
         slurm_tasks_on_node("eight", 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["launch/tpu_pod.sh", "launch/slurm.sbatch"])
 def test_launch_scripts_are_valid_bash(script):
     subprocess.run(["bash", "-n", os.path.join(ROOT, script)], check=True)

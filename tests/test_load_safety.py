@@ -86,6 +86,7 @@ def _tiny_hf(path: Path) -> dict:
     return params
 
 
+@pytest.mark.slow
 def test_hf_directory_loads_only_safetensors_and_json(tmp_path, marker):
     path = tmp_path / "hf"
     want = _tiny_hf(path)

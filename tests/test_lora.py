@@ -18,7 +18,7 @@ from jaxalign.config import MODEL_PRESETS
 from jaxalign.mesh import make_mesh
 from jaxalign.models import export, heads, hf, init_from, lora
 from jaxalign.models.transformer import Transformer, TransformerConfig
-from jaxalign.train import Trainer, _device_fields, state_layout
+from jaxalign.train import Trainer, device_fields, state_layout
 
 LORA = {"model.lora.rank": 4, "model.lora.alpha": 8.0, "model.lora.dropout": 0.1}
 TOKENS_BT = jnp.array([[1, 5, 9, 13, 17, 21, 25, 29], [2, 4, 6, 8, 10, 12, 14, 16]])
@@ -111,6 +111,7 @@ def test_zero_b_is_the_base_and_merge_is_exact():
     np.testing.assert_array_equal(_logits(off, params), base_logits)
 
 
+@pytest.mark.slow
 def test_only_adapters_train_and_hold_optimizer_state(sft_run):
     before, after = _leaves(sft_run["initial"]["params"]), _leaves(sft_run["final"]["params"])
     assert before.keys() == after.keys()
@@ -127,6 +128,7 @@ def test_only_adapters_train_and_hold_optimizer_state(sft_run):
     assert len(arrays) == 2 * len(adapters)  # Adam's mu and nu
 
 
+@pytest.mark.slow
 def test_adapters_only_checkpoint_resumes_exactly(sft_run):
     # The checkpoint holds adapters only; the base came back from init_from (a fresh init).
     step_dir = os.path.join(sft_run["workdir"], "checkpoints", "2")
@@ -144,6 +146,7 @@ def test_adapters_only_checkpoint_resumes_exactly(sft_run):
     assert int(sft_run["final"]["step"]) == 4
 
 
+@pytest.mark.slow
 def test_export_merges_adapters(sft_run):
     out = str(sft_run["root"] / "export")
     export.export_workdir(sft_run["workdir"], out)
@@ -155,6 +158,7 @@ def test_export_merges_adapters(sft_run):
     np.testing.assert_allclose(_model_logits(loaded), want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_dpo_from_lora_sft_uses_the_base_as_reference(sft_run):
     """The SFT adapters merge on load; the DPO reference is that base with adapters off."""
     config = preset("dpo", **LORA, **{"model.init_from": f"workdir:{sft_run['workdir']}",
@@ -177,14 +181,14 @@ def test_dpo_from_lora_sft_uses_the_base_as_reference(sft_run):
 
     # After training, the shared reference still equals a separate copy of the initial params.
     host = next(trainer.train_data.iterator())
-    batch = shd.global_batch(_device_fields(host), trainer.mesh)
+    batch = shd.global_batch(device_fields(host), trainer.mesh)
     loss_fn, loss_weights = trainer.stage.make_loss(config)
     with_copy = jax.jit(step_lib.make_eval_step(
         loss_fn, loss_weights, model_def=trainer.model_def, mesh=trainer.mesh,
         rules=trainer.rules, frozen_defs={"reference": trainer.model_def}))
     initial = jax.device_put(initial, trainer.state_shardings["params"])
     want = with_copy(trainer.state["params"], batch, {"reference": initial})
-    got = trainer._eval_step(trainer.state["params"], batch, {})
+    got = trainer.eval_step(trainer.state["params"], batch, {})
     for key, x in _leaves(_host(want)).items():
         np.testing.assert_allclose(_leaves(_host(got))[key], x, atol=1e-5, rtol=0, err_msg=key)
 

@@ -83,6 +83,7 @@ def test_causal():
     assert not np.allclose(la[0, 4:], lb[0, 4:])
 
 
+@pytest.mark.slow
 def test_packed_segments_equal_separate_sequences():
     model = _model()
     s1, s2 = [3, 9, 27, 11], [5, 25, 60]
@@ -104,6 +105,7 @@ def test_right_padding_does_not_change_real_positions():
     assert np.all(np.isfinite(np.asarray(model(padded, pos, seg))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opts", [dict(qkv_bias=True), dict(qk_norm=True),
                                   dict(tie_embeddings=True), dict(dtype="bfloat16")])
 def test_options_build_and_run(opts):

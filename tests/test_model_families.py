@@ -44,6 +44,7 @@ def _jitted(cfg):
     return lambda *args: forward(state, *args)
 
 
+@pytest.mark.slow
 def test_packed_segments_equal_separate_sequences_with_sliding_layers():
     model = _jitted(GEMMA3ISH)
     s1, s2 = [3, 9, 27, 11, 40], [5, 25, 60, 7]

@@ -10,8 +10,11 @@ import tempfile
 import time
 
 import numpy as np
+import pytest
 
 from jaxalign.metrics import read_jsonl
+
+pytestmark = pytest.mark.slow  # starts processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--config=configs/sft.py:test", "--config.train.steps=8", "--config.train.log_every=1",

@@ -43,6 +43,7 @@ def sweep_root(tmp_path_factory):
     return root, results
 
 
+@pytest.mark.slow
 def test_sweep_of_three_runs_writes_a_summary(sweep_root):
     root, results = sweep_root
     assert [r["status"] for r in results] == ["ok"] * 3
@@ -64,6 +65,7 @@ def test_sweep_of_three_runs_writes_a_summary(sweep_root):
     assert len(table) == 2 + 3 and all("| ok |" in line for line in table[2:])
 
 
+@pytest.mark.slow
 def test_tensorboard_scalars_match_metrics_jsonl(sweep_root):
     workdir = sweep_root[1][1]["workdir"]
     rows = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
@@ -83,6 +85,7 @@ def test_tensorboard_scalars_match_metrics_jsonl(sweep_root):
     assert [s for s, _ in got["eval/loss"]] == [6]
 
 
+@pytest.mark.slow
 def test_plots_of_real_runs(sweep_root, tmp_path):
     paths = plot_runs([r["workdir"] for r in sweep_root[1][:2]], str(tmp_path))
     assert {os.path.basename(p) for p in paths} >= {"loss.png", "reward_accuracy.png",
@@ -196,6 +199,7 @@ def _fake_run(path, scale):
                                     "accuracy": 0.5}) + "\n")
 
 
+@pytest.mark.slow
 def test_plots_overlay_two_runs(tmp_path):
     runs = [str(tmp_path / "runs" / "lr-small"), str(tmp_path / "runs" / "lr-big")]
     _fake_run(runs[0], 1.0)

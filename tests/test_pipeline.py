@@ -11,6 +11,8 @@ from jaxalign import train as train_lib
 from jaxalign.checkpoint import Checkpointer
 from jaxalign.jobs import pipeline as pipeline_lib
 
+pytestmark = pytest.mark.slow  # trains every stage in turn
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -45,6 +45,7 @@ def test_adaptive_kl_moves_toward_target():
     assert ppo.adaptive_kl(0.1, 2.0, target=2.0, horizon=100.0, rows=10) == pytest.approx(0.1)
 
 
+@pytest.mark.slow
 def test_ppo_runs_learns_values_and_resumes_kl_state(tmp_path):
     overrides = {"ppo.kl_target": 0.01, "ppo.kl_horizon": 50.0, "rl.kl_coef": 0.1,
                  "train.log_every": 1, "train.eval_every": 100, "optim.learning_rate": 3e-3}
@@ -52,13 +53,13 @@ def test_ppo_runs_learns_values_and_resumes_kl_state(tmp_path):
     trainer = Trainer(config, str(tmp_path))
     try:
         trainer.fit(num_steps=4)  # one rollout = epochs 2 x minibatches 2 updates
-        coef = trainer.rollout.state()["kl_coef"]
+        coef = trainer.batches.rollout.state()["kl_coef"]
     finally:
         trainer.close()
     assert coef != pytest.approx(0.1)
     resumed = Trainer(config, str(tmp_path))
     try:
-        assert resumed.rollout.state()["kl_coef"] == coef
+        assert resumed.batches.rollout.state()["kl_coef"] == coef
         resumed.fit()
     finally:
         resumed.close()

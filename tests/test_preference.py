@@ -143,6 +143,7 @@ def _stage_config(name, **overrides):
     return preset(name, **overrides)
 
 
+@pytest.mark.slow
 def test_trainer_precomputed_reference_matches_in_step(tmp_path):
     from jaxalign.metrics import read_jsonl
     from jaxalign.train import Trainer
@@ -172,6 +173,7 @@ def test_trainer_precomputed_reference_matches_in_step(tmp_path):
     assert cache.stat().st_mtime_ns == mtime
 
 
+@pytest.mark.slow
 def test_reward_model_trains_from_sft_workdir(tmp_path):
     """An RM starts from an SFT workdir: the trunk is loaded, the head is new."""
     from jaxalign.train import Trainer
@@ -211,6 +213,7 @@ def test_kto_mismatched_rows_pair_prompt_i_with_completion_i_plus_1():
         np.testing.assert_array_equal(got[key], value, err_msg=key)
 
 
+@pytest.mark.slow
 def test_kto_loss_against_independent_formula():
     from jaxalign.algos import kto
 

@@ -29,6 +29,7 @@ def test_required_presets_exist():
     assert REQUIRED <= set(PRESETS) and set(PRESETS) == set(PUBLISHED_PARAMS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_parameter_count(name):
     cfg = TransformerConfig.from_mapping(model_config(name))

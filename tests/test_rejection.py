@@ -10,8 +10,9 @@ from presets import preset
 from jaxalign.data.loader import DataSettings, Loader
 from jaxalign.data.tokenizer import load_tokenizer
 from jaxalign.jobs import rejection as rj
-from jaxalign.jobs.rejection import Completion, Selection
-from jaxalign.train import train
+from jaxalign.jobs import rejection_data as rd
+from jaxalign.jobs import run_stage as train
+from jaxalign.jobs.rejection_data import Completion, Selection
 
 
 def _group(*items):
@@ -36,10 +37,10 @@ GROUP = _group(("a", 0.2), ("b", 0.9), ("c", 0.5), ("d", 0.9), ("e", 0.5), ("e",
     (Selection(select="threshold", threshold=0.9000001), []),
 ])
 def test_selection_keeps_exactly_the_best_scored(sel, expected):
-    kept, reason = rj.select_completions(GROUP, sel)
+    kept, reason = rd.select_completions(GROUP, sel)
     assert [GROUP[i].text for i in kept] == expected
     assert reason == (None if expected else "below threshold")
-    assert rj.select_completions(_group((" ", 1.0), ("", 2.0)), sel) == ([],
+    assert rd.select_completions(_group((" ", 1.0), ("", 2.0)), sel) == ([],
                                                                          "empty completions")
 
 
@@ -51,13 +52,13 @@ def test_selection_against_brute_force():
         # Few distinct scores and texts, so ties and repeats are common.
         group = _group(*[(f"t{rng.integers(0, 5)}", rng.integers(0, 4) / 2) for _ in range(n)])
         keep = int(rng.integers(1, 4))
-        kept, _ = rj.select_completions(group, Selection(keep=keep))
+        kept, _ = rd.select_completions(group, Selection(keep=keep))
         scores = sorted((group[i].score for i in kept), reverse=True)
         assert scores == [group[i].score for i in kept]
         assert len(kept) == min(keep, len({c.text for c in group}))
         assert max(c.score for c in group) == group[kept[0]].score
         thr = float(rng.integers(0, 4) / 2)
-        kept, _ = rj.select_completions(group, Selection(select="threshold", threshold=thr))
+        kept, _ = rd.select_completions(group, Selection(select="threshold", threshold=thr))
         assert {group[i].text for i in kept} == {c.text for c in group if c.score >= thr}
         assert all(group[i].score >= thr for i in kept)
 
@@ -71,16 +72,16 @@ def test_dpo_pairs_best_vs_worst_and_ties_skipped(tmp_path):
         _group(("", 3.0), ("u", 0.1), ("v", 0.0)),               # the empty one never counts
     ]
     records = [{"prompt": f"p{i}", "answer": str(i)} for i in range(len(groups))]
-    out, stats = rj.build_records(records, groups, Selection(mode="dpo"))
+    out, stats = rd.build_records(records, groups, Selection(mode="dpo"))
     pairs = [(r["prompt"], r["chosen"], r["rejected"], r["chosen_score"], r["rejected_score"])
              for r in out]
     assert pairs == [("p0", "y", "z", 1.0, 0.0), ("p3", "m", "n", 0.3, 0.2),
                      ("p4", "u", "v", 0.1, 0.0)]
     assert stats["skipped"] == {"best and worst tie": 2}
     assert stats["records"] == stats["prompts_kept"] == 3 and stats["prompts"] == 5
-    _, stats = rj.build_records(records, groups, Selection(mode="dpo", min_margin=0.1))
+    _, stats = rd.build_records(records, groups, Selection(mode="dpo", min_margin=0.1))
     assert stats["skipped"] == {"best and worst tie": 2, "margin not above min_margin": 2}
-    _, stats = rj.build_records(records, groups, Selection(mode="dpo", threshold=0.5))
+    _, stats = rd.build_records(records, groups, Selection(mode="dpo", threshold=0.5))
     assert stats["skipped"] == {"best and worst tie": 2, "below threshold": 2}
 
 
@@ -97,32 +98,32 @@ def test_written_files_have_scores_and_train_as_jsonl(tmp_path):
     groups = [_group((" 5", 0.0), (" 4", 1.0), ("4", 1.0)),
               _group(("cba", 1.0), ("abc", 0.0)),
               _group(("no", 0.0), ("nope", 0.0))]
-    sft = rj.write_dataset(records, groups, Selection(threshold=1.0), str(tmp_path / "sft"),
+    sft = rd.write_dataset(records, groups, Selection(threshold=1.0), str(tmp_path / "sft"),
                            extra_stats={"round": 0})
-    with open(tmp_path / "sft" / rj.DATA_FILE) as f:
+    with open(tmp_path / "sft" / rd.DATA_FILE) as f:
         rows = [json.loads(line) for line in f]
     assert [(r["response"], r["score"], r["scores"], r["rank"]) for r in rows] == [
         (" 4", 1.0, {"r": 1.0}, 0), ("cba", 1.0, {"r": 1.0}, 0)]
     # Fields the reward read travel along; a reference response is kept under a new name.
     assert rows[0]["answer"] == "4" and rows[0]["source_response"] == "4"
     assert rows[1]["prompt"] == records[1]["prompt"]
-    with open(tmp_path / "sft" / rj.STATS_FILE) as f:
+    with open(tmp_path / "sft" / rd.STATS_FILE) as f:
         stats = json.load(f)
     assert stats == sft and stats["round"] == 0 and stats["records"] == 2
     assert stats["skipped"] == {"below threshold": 1}
     assert stats["score"]["best_of_n_mean"] == pytest.approx(2 / 3)
-    with open(tmp_path / "sft" / rj.COMPLETIONS_FILE) as f:
+    with open(tmp_path / "sft" / rd.COMPLETIONS_FILE) as f:
         every = [json.loads(line) for line in f]
     assert [[c["score"] for c in e["completions"]] for e in every] == [[0, 1, 1], [1, 0], [0, 0]]
 
-    dpo = rj.write_dataset(records, groups, Selection(mode="dpo"), str(tmp_path / "dpo"))
+    dpo = rd.write_dataset(records, groups, Selection(mode="dpo"), str(tmp_path / "dpo"))
     assert dpo["records"] == 2 and dpo["skipped"] == {"best and worst tie": 1}
 
-    sft_loader = _loader(tmp_path / "sft" / rj.DATA_FILE, "sft", tmp_path / "cache")
+    sft_loader = _loader(tmp_path / "sft" / rd.DATA_FILE, "sft", tmp_path / "cache")
     assert sft_loader.num_records == 2 and sft_loader.num_invalid == 0
     batch = next(iter(sft_loader.eval_batches()))
     assert batch["loss_mask_bt"][:2].sum() > 0
-    dpo_loader = _loader(tmp_path / "dpo" / rj.DATA_FILE, "preference", tmp_path / "cache")
+    dpo_loader = _loader(tmp_path / "dpo" / rd.DATA_FILE, "preference", tmp_path / "cache")
     assert dpo_loader.num_records == 2 and dpo_loader.num_invalid == 0
     next(iter(dpo_loader.eval_batches()))
 
@@ -159,9 +160,9 @@ def test_generate_dataset_with_a_stub_sampler(tmp_path):
     stats = rj.generate_dataset(config, "workdir:somewhere", str(tmp_path), round_index=1,
                                 generator=stub)
     assert stub.loaded == ["workdir:somewhere"] and stats["policy"] == "workdir:somewhere"
-    with open(tmp_path / rj.DATA_FILE) as f:
+    with open(tmp_path / rd.DATA_FILE) as f:
         rows = [json.loads(line) for line in f]
-    with open(tmp_path / rj.COMPLETIONS_FILE) as f:
+    with open(tmp_path / rd.COMPLETIONS_FILE) as f:
         every = [json.loads(line) for line in f]
     assert stats["prompts"] == len(every) == 6  # a seeded subset of the 10 prompts
     expected = [(e["prompt"], c["text"]) for e in every
@@ -202,6 +203,7 @@ def _rows(path):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_round_end_to_end_and_resume(tmp_path):
     """A tiny round samples, keeps the best, trains; a rerun redoes nothing finished."""
     workdir = tmp_path / "run"

@@ -157,6 +157,7 @@ def references(tmp_path_factory, xla_cache):
     refs.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_sigkill_at_random_moments_resumes_exactly(tmp_path, references, xla_cache, stage):
     """3 SIGKILLs per stage (mid-step, mid async save, mid-rollout for GRPO), then resume."""
@@ -187,6 +188,7 @@ def test_sigkill_at_random_moments_resumes_exactly(tmp_path, references, xla_cac
     assert losses == ref_losses
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_at_step_boundary_and_resumes(tmp_path, references, xla_cache):
     _, (_, ref_params), ref_losses = references("sft")
     workdir = str(tmp_path / "term")
@@ -220,6 +222,7 @@ def _flip_a_byte(step_dir):
     return os.path.relpath(biggest, step_dir)
 
 
+@pytest.mark.slow
 def test_damaged_checkpoint_falls_back_to_older_one(tmp_path, caplog):
     config = _config(**{"train.steps": 8, "checkpoint.save_every": 4, "data.eval": "",
                         "checkpoint.async_save": True})
@@ -257,6 +260,7 @@ def mesh_source(tmp_path_factory):
         source.data_state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", [(1, 1, 1), (4, 2, 1)])
 def test_restore_onto_another_mesh(mesh_source, target):
     config, workdir, want, source_data_state = mesh_source
@@ -326,6 +330,7 @@ def test_failed_save_stops_loudly_and_keeps_older_checkpoints(tmp_path, monkeypa
     _assert_same_params(jax.tree.map(np.asarray, jax.device_get(state["params"])), saved[2])
 
 
+@pytest.mark.slow
 def test_exploding_loss_stops_with_step_metric_and_last_good_checkpoint(tmp_path):
     """A learning rate of 1e6 (a typo for 1e-6) is caught before it is logged or saved."""
     log_every = 5

@@ -103,6 +103,7 @@ def _reference_greedy(model, prompts, n):
     return outs
 
 
+@pytest.mark.slow
 def test_greedy_matches_stepwise_argmax_of_full_forward():
     model = _model(GEMMAISH, seed=1)
     tokens_bt, mask_bt = left_pad(PROMPTS)
@@ -116,6 +117,7 @@ def test_greedy_matches_stepwise_argmax_of_full_forward():
     np.testing.assert_array_equal(top1.tokens_bn, out.tokens_bn)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg", [LLAMA, GEMMAISH], ids=["llama", "gemma"])
 def test_sampler_logps_equal_trainer_recompute(cfg):
     model = _model(cfg, seed=2)
@@ -146,6 +148,7 @@ def test_sampler_logps_equal_trainer_recompute(cfg):
         assert np.all(row[t + len(completion):] == scfg.pad_id)
 
 
+@pytest.mark.slow
 def test_stop_tokens_end_rows_and_pad_after():
     model = _model(LLAMA, seed=3)
     tokens_bt, mask_bt = left_pad(PROMPTS)
@@ -181,6 +184,7 @@ def test_filter_logits_top_k_and_top_p():
     np.testing.assert_array_equal(filter_logits(logits), logits)
 
 
+@pytest.mark.slow
 def test_groups_prefill_once_and_are_prompt_major():
     calls = []
 
@@ -213,6 +217,7 @@ def test_groups_prefill_once_and_are_prompt_major():
     np.testing.assert_array_equal(three.tokens_bn, np.repeat(one.tokens_bn, 3, axis=0))
 
 
+@pytest.mark.slow
 def test_same_results_on_one_device_and_on_meshes():
     model = _model(GEMMAISH, seed=5)
     graphdef, state = nnx.split(model, nnx.Param)

@@ -70,6 +70,7 @@ def _parse_train_command(command):
         os.chdir(cwd)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # ml_collections
 def test_print_emits_one_parseable_command_per_run(tmp_path):
     out = subprocess.run(
@@ -87,6 +88,7 @@ def test_print_emits_one_parseable_command_per_run(tmp_path):
     assert _parse_train_command(commands[3])[0].dpo.beta == 2.0
 
 
+@pytest.mark.slow
 def test_cli_exits_non_zero_when_a_run_fails(tmp_path):
     cfg = tmp_path / "bad_sweep.py"
     cfg.write_text(

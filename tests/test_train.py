@@ -41,6 +41,7 @@ def _assert_trees_close(a, b, atol):
         np.testing.assert_allclose(x, y, atol=atol, rtol=0, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 def test_mesh_invariance(tmp_path):
     """Losses and final params agree across (1,1,1) on one device, (8,1,1), (2,4,1), (2,2,2)."""
     common = dict(**{"train.steps": 3, "train.log_every": 1, "data.eval": ""})
@@ -53,6 +54,7 @@ def test_mesh_invariance(tmp_path):
         _assert_trees_close(_params(got), _params(ref), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_big_batch(tmp_path):
     """4 micro-batches of 8 give the same update as one batch of 32."""
     # A small learning rate: Adam divides by |g|, which magnifies float summation-order
@@ -67,6 +69,7 @@ def test_gradient_accumulation_matches_big_batch(tmp_path):
     _assert_trees_close(_params(acc), _params(big), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_loss_falls_and_artifacts(tmp_path):
     summary = train(_config(), str(tmp_path / "run"))
     workdir = tmp_path / "run"
@@ -85,6 +88,7 @@ def test_loss_falls_and_artifacts(tmp_path):
     assert steps[-1] == 30 and len(steps) <= 3
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path):
     """Stopping after step 10 and resuming gives the params of an uninterrupted run."""
     common = {"train.steps": 20, "checkpoint.save_every": 10, "data.eval": ""}
@@ -116,6 +120,7 @@ def test_shardings_follow_rules(tmp_path):
     trainer.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["stop", "skip"])
 def test_nonfinite_loss(tmp_path, mode):
     config = _config(**{"train.steps": 6, "train.log_every": 2, "data.eval": "",

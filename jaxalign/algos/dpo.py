@@ -18,14 +18,31 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxalign import losses, pairs
+from jaxalign.algos.base import Stage
+from jaxalign.config import section
 from jaxalign.pairs import halves, mean_pair, pair_valid, stacked
 from jaxalign.step import Batch, LossOut
 
-# Data side of the stage protocol, shared by every pairwise stage.
-build_data = pairs.build_data
-tokens_per_batch = pairs.tokens_per_batch
 REFERENCE_FREE = ("simpo", "orpo")
 LOSS_TYPES = (*losses.DPO_LOSS_TYPES, *REFERENCE_FREE)
+
+
+def default_config() -> dict[str, Any]:
+    """The ``dpo`` section with its defaults (read by this stage and rejection's DPO rounds)."""
+    return {"dpo": section(
+        "dpo", "The DPO family on preference pairs (jaxalign.algos.dpo).",
+        loss_type=("sigmoid", "objective: sigmoid (DPO; cDPO with label_smoothing) | hinge | "
+                   "ipo | exo_pair | nca_pair | robust | bco_pair | sppo_hard | aot | "
+                   "aot_unpaired | apo_zero | apo_down | discopop, or reference-free simpo | "
+                   "orpo"),
+        beta=(0.1, "β: strength of the implicit KL toward the reference (SimPO: the reward "
+              "scale)"),
+        label_smoothing=(0.0, "assumed label-flip rate (conservative DPO, robust, exo_pair)"),
+        discopop_tau=(0.05, "discopop's temperature"),
+        simpo_gamma=(0.5, "SimPO's target reward margin"),
+        rpo_alpha=(0.0, "> 0: adds RPO's NLL on the chosen completions with this weight"),
+        reference=("in_step", "reference log-probs: in_step (a frozen model run in the step) "
+                   "| precomputed (once, before training, as batch columns)"))}
 
 
 def loss_weights(batch: Batch) -> dict[str, jax.Array]:
@@ -137,3 +154,9 @@ def make_loss(config: Any):
         return LossOut(terms, metrics)
 
     return loss_fn, loss_weights
+
+
+STAGE = Stage(name="dpo", make_loss=make_loss, build_data=pairs.build_data,
+              tokens_per_batch=pairs.tokens_per_batch, check_config=check_config,
+              frozen_models=frozen_models, precomputed_columns=precomputed_columns,
+              default_config=default_config)

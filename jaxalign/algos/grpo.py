@@ -32,12 +32,30 @@ from flax import nnx
 
 from jaxalign import losses
 from jaxalign import rollout as rollout_lib
+from jaxalign.algos.base import Loader, RunContext, Stage
+from jaxalign.config import section
+from jaxalign.evals.generation import make_prompt_evaluator
 from jaxalign.rollout import mean_metric
 from jaxalign.step import Batch, LossOut
 
-build_data = rollout_lib.build_data
 ADVANTAGES = ("std", "none", "rloo")
 IMPORTANCE = ("token", "sequence")
+
+
+def default_config() -> dict[str, Any]:
+    """The ``rl`` and ``grpo`` sections with their defaults."""
+    return {"rl": rollout_lib.rl_config(), "grpo": section(
+        "grpo", "The GRPO family: GRPO, Dr. GRPO, DAPO, GSPO, RLOO (jaxalign.algos.grpo).",
+        advantage=("std", "group baseline: std (GRPO) | none (Dr. GRPO) | rloo"),
+        loss_agg=("seq-mean-token-mean", "loss aggregation: seq-mean-token-mean | token-mean "
+                  "(DAPO) | seq-mean-token-sum-norm (Dr. GRPO)"),
+        clip_low=(0.2, "ratio clip below 1 (1 - clip_low)"),
+        clip_high=(0.2, "ratio clip above 1 (1 + clip_high); > clip_low is DAPO's "
+                   "clip-higher"),
+        importance=("token", "importance ratio: token | sequence (GSPO)"),
+        dynamic_sampling=(False, "zero-variance groups carry no weight (DAPO)"),
+        oversample=(1, "sample k× the prompts, train on the informative groups (DAPO)"),
+        entropy_metric=(True, "log the policy's entropy on the completions"))}
 
 
 def tokens_per_batch(batch: Mapping[str, Any]) -> int:
@@ -154,9 +172,9 @@ def make_loss(config: Any):
     return loss_fn, loss_weights
 
 
-def make_rollout(trainer: Any) -> rollout_lib.Rollout:
-    """The run's rollout: sample, score, group-relative advantages."""
-    config = trainer.config
+def make_batches(ctx: RunContext, prompts: Loader) -> rollout_lib.RolloutBatches:
+    """The run's rollouts: sample, score, group-relative advantages."""
+    config = ctx.config
 
     def advantages(batch, rewards_b):
         return group_advantages(rewards_b, batch["weight_b"], config)
@@ -164,11 +182,16 @@ def make_rollout(trainer: Any) -> rollout_lib.Rollout:
     def select(rewards_b, real_b, rows, step):
         return select_groups(rewards_b, real_b, rows, step, config)
 
-    return rollout_lib.Rollout(trainer, advantages, select=select)
+    return rollout_lib.RolloutBatches(
+        rollout_lib.Rollout(ctx, advantages, select=select), prompts)
 
 
-def make_evaluator(trainer: Any):
+def make_evaluator(ctx: RunContext):
     """Greedy answers on the eval prompts: task accuracy, rewards, refusal rates."""
-    from jaxalign.evals.generation import make_prompt_evaluator
+    return make_prompt_evaluator(ctx)
 
-    return make_prompt_evaluator(trainer)
+
+STAGE = Stage(name="grpo", make_loss=make_loss, build_data=rollout_lib.build_data,
+              tokens_per_batch=tokens_per_batch, check_config=check_config,
+              make_batches=make_batches, make_evaluator=make_evaluator,
+              default_config=default_config)

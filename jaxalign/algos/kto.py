@@ -16,10 +16,22 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxalign import losses
+from jaxalign.algos.base import Stage
+from jaxalign.config import section
+from jaxalign.data.loader import build_loader
 from jaxalign.pairs import FIELDS, mean_pair
 from jaxalign.step import Batch, LossOut
 
 RECORD_FORMAT = "unpaired"
+
+
+def default_config() -> dict[str, Any]:
+    """The ``kto`` section with its defaults."""
+    return {"kto": section(
+        "kto", "KTO on unpaired completions (jaxalign.algos.kto).",
+        beta=(0.1, "β: strength of the implicit KL toward the reference"),
+        desirable_weight=(1.0, "loss weight of desirable examples"),
+        undesirable_weight=(1.0, "loss weight of undesirable examples"))}
 
 
 def frozen_models(config: Any) -> tuple[str, ...]:
@@ -103,8 +115,6 @@ def make_loss(config: Any):
 def build_data(config: Any, tokenizer: Any, split: str, *, process_index: int,
                process_count: int):
     """Unpaired (prompt + completion, label) rows for this process."""
-    from jaxalign.data.loader import build_loader
-
     return build_loader(config, tokenizer, split, RECORD_FORMAT, process_index=process_index,
                         process_count=process_count)
 
@@ -112,3 +122,8 @@ def build_data(config: Any, tokenizer: Any, split: str, *, process_index: int,
 def tokens_per_batch(batch: Mapping[str, Any]) -> int:
     """Positions of the trained rows; tokens/s and MFU count the policy's training pass only."""
     return int(batch["inputs_bt"].size)
+
+
+STAGE = Stage(name="kto", make_loss=make_loss, build_data=build_data,
+              tokens_per_batch=tokens_per_batch, frozen_models=frozen_models,
+              default_config=default_config)

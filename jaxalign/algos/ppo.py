@@ -22,12 +22,29 @@ from flax import nnx
 
 from jaxalign import losses
 from jaxalign import rollout as rollout_lib
+from jaxalign.algos.base import Loader, RunContext, Stage
+from jaxalign.config import section
+from jaxalign.evals.generation import make_prompt_evaluator
 from jaxalign.models.heads import PolicyWithValue
 from jaxalign.rollout import mean_metric
 from jaxalign.step import Batch, LossOut
 
-build_data = rollout_lib.build_data
-make_model = PolicyWithValue
+
+def default_config() -> dict[str, Any]:
+    """The ``rl`` section with PPO's defaults (one sample, reused) and the ``ppo`` section."""
+    rl = rollout_lib.rl_config(num_samples=1, epochs=2, minibatches=2, kl_coef=0.05)
+    return {"rl": rl, "ppo": section(
+        "ppo", "PPO with a value head, GAE and KL control (jaxalign.algos.ppo).",
+        gamma=(1.0, "GAE discount γ"),
+        lam=(0.95, "GAE λ"),
+        clip=(0.2, "policy ratio clip"),
+        value_clip=(0.2, "value prediction clip around the rollout's values"),
+        vf_coef=(0.1, "weight of the value loss"),
+        entropy_coef=(0.0, "weight of the entropy bonus"),
+        whiten_advantages=(True, "whiten advantages over the rollout"),
+        missing_eos_penalty=(1.0, "subtracted from the score of a cut-off completion"),
+        kl_target=(0.0, "> 0: adaptive β (rl.kl_coef) toward this per-sequence KL"),
+        kl_horizon=(10_000.0, "adaptive KL horizon, in samples: how fast β moves"))}
 
 
 def tokens_per_batch(batch: Mapping[str, Any]) -> int:
@@ -134,9 +151,9 @@ def _values(model: PolicyWithValue, seq: Mapping[str, jax.Array]) -> jax.Array:
     return model.values(h_btd) * seq["loss_mask_bt"]
 
 
-def make_rollout(trainer: Any) -> rollout_lib.Rollout:
-    """The run's rollout: sample, score, per-token rewards with the KL penalty, GAE."""
-    config = trainer.config
+def make_batches(ctx: RunContext, prompts: Loader) -> rollout_lib.RolloutBatches:
+    """The run's rollouts: sample, score, per-token rewards with the KL penalty, GAE."""
+    config = ctx.config
     p = config.ppo
 
     def hook(batch, scores_b):
@@ -148,13 +165,17 @@ def make_rollout(trainer: Any) -> rollout_lib.Rollout:
                 rows=int(batch["weight_b"].sum()))
         return cols, metrics
 
-    rollout = rollout_lib.Rollout(trainer, hook, value_fn=_values)
+    rollout = rollout_lib.Rollout(ctx, hook, value_fn=_values)
     rollout.host_state = {"kl_coef": float(config.rl.kl_coef)}
-    return rollout
+    return rollout_lib.RolloutBatches(rollout, prompts)
 
 
-def make_evaluator(trainer: Any):
+def make_evaluator(ctx: RunContext):
     """Greedy answers on the eval prompts: rewards (the RM's included), accuracy, refusals."""
-    from jaxalign.evals.generation import make_prompt_evaluator
+    return make_prompt_evaluator(ctx)
 
-    return make_prompt_evaluator(trainer)
+
+STAGE = Stage(name="ppo", make_loss=make_loss, build_data=rollout_lib.build_data,
+              tokens_per_batch=tokens_per_batch, check_config=check_config,
+              make_model=PolicyWithValue, make_batches=make_batches,
+              make_evaluator=make_evaluator, default_config=default_config)

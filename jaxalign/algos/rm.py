@@ -9,14 +9,19 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxalign import losses, pairs
+from jaxalign.algos.base import Stage
+from jaxalign.config import section
 from jaxalign.models.heads import RewardModel
 from jaxalign.pairs import halves, mean_pair, pair_valid, stacked
 from jaxalign.step import Batch, LossOut
 
-# Data side of the stage protocol, shared by every pairwise stage.
-build_data = pairs.build_data
-tokens_per_batch = pairs.tokens_per_batch
-make_model = RewardModel
+
+def default_config() -> dict[str, Any]:
+    """The ``rm`` section with its defaults."""
+    return {"rm": section(
+        "rm", "Bradley–Terry reward model (jaxalign.algos.rm).",
+        center_coef=(0.0, "> 0: adds coef · (r_chosen + r_rejected)², keeping rewards "
+                     "centred on zero"))}
 
 
 def loss_weights(batch: Batch) -> dict[str, jax.Array]:
@@ -42,3 +47,8 @@ def make_loss(config: Any):
              "rewards/rejected": mean_pair(r_rejected, valid)})
 
     return loss_fn, loss_weights
+
+
+STAGE = Stage(name="rm", make_loss=make_loss, build_data=pairs.build_data,
+              tokens_per_batch=pairs.tokens_per_batch, make_model=RewardModel,
+              default_config=default_config)

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxalign.algos.base import Stage
+from jaxalign.data.loader import build_loader
 from jaxalign.step import Batch, LossOut
 
 BATCH_KEYS = ("inputs_bt", "targets_bt", "loss_mask_bt", "segment_ids_bt", "positions_bt")
@@ -38,8 +40,6 @@ def make_loss(config: Any):
 def build_data(config: Any, tokenizer: Any, split: str, *, process_index: int,
                process_count: int):
     """Train or eval batches of SFT records (padded or packed) for this process."""
-    from jaxalign.data.loader import build_loader
-
     return build_loader(config, tokenizer, split, "sft", process_index=process_index,
                         process_count=process_count)
 
@@ -47,3 +47,7 @@ def build_data(config: Any, tokenizer: Any, split: str, *, process_index: int,
 def tokens_per_batch(batch: Mapping[str, Any]) -> int:
     """Positions the model processes (padding included: it costs FLOPs too)."""
     return int(batch["inputs_bt"].size)
+
+
+STAGE = Stage(name="sft", make_loss=make_loss, build_data=build_data,
+              tokens_per_batch=tokens_per_batch)

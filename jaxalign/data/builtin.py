@@ -25,6 +25,10 @@ import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from jaxalign.data.chat import TEMPLATES, text_runs
+from jaxalign.data.records import Location, validate
+from jaxalign.data.world import generate_world, unpaired_from_preference
+
 SPLITS = ("train", "eval")
 
 # Lowercase a-z only, 3-8 letters: keeps prompts short and letter tasks unambiguous.
@@ -219,8 +223,6 @@ def generate(name: str, **options) -> dict[str, list[dict]]:
     if name == "tasks":
         return _generate(BUILTIN_DATASETS["tasks"])
     if name == "world":
-        from jaxalign.data.world import generate_world
-
         return generate_world(TASKS, **options)
     raise ValueError(f"unknown builtin dataset {name!r}; available: {sorted(SHIPPED_SPLITS)}")
 
@@ -257,8 +259,6 @@ def load_builtin(name: str, split: str) -> list[dict]:
         raise ValueError(f"unknown split {split!r} for builtin:{name}; available: "
                          f"{available_splits(name)}")
     if (name, split) in DERIVED_SPLITS:
-        from jaxalign.data.world import unpaired_from_preference
-
         return unpaired_from_preference(_read_split(name, DERIVED_SPLITS[name, split]))
     return _read_split(name, split)
 
@@ -273,10 +273,6 @@ def write_jsonl_gz(path: Path, records: list[dict]) -> None:
 
 
 def _tokenizer_corpus() -> Iterator[str]:
-    # Imported here so that generating records does not pull in the batching stack.
-    from jaxalign.data.chat import TEMPLATES, text_runs
-    from jaxalign.data.records import Location, validate
-
     # The corpus is the text runs the plain template encodes, exactly as the pipeline
     # will encode them (prompt side and completion side separately). It is the first
     # world's text (RL prompts drawn from the SFT pool): the same words and templates as

@@ -33,6 +33,7 @@ from __future__ import annotations
 import random
 import zlib
 from collections.abc import Callable
+from typing import Any
 
 REFUSAL = "I can't help with that."
 
@@ -152,6 +153,92 @@ def _safety(items: tuple, held_out: tuple, seed: int, key: str):
     return train, held
 
 
+def _task_splits(pools: dict[str, Callable[[random.Random], list[tuple[str, str]]]],
+                 seed: int, rl_holdout: bool) -> tuple[list[dict], dict, dict]:
+    """Per task: held-out eval records, the rest for training, and the RL-only slice."""
+    n = SIZES
+    task_eval, task_rest, task_rl = [], {}, {}
+    for task, pool_fn in pools.items():
+        rng = _rng(seed, task)
+        pool = sorted(dict(pool_fn(rng)).items())
+        rng.shuffle(pool)
+        held = pool[: n["eval_per_task"]]
+        task_eval += [{"prompt": p, "response": a, "answer": a, "task": task, "kind": "task"}
+                      for p, a in held]
+        rest = pool[n["eval_per_task"]:]
+        k = min(RL_HOLDOUT["max"], int(len(rest) * RL_HOLDOUT["fraction"])) if rl_holdout else 0
+        task_rl[task], task_rest[task] = rest[:k], rest[k:]
+    return task_eval, task_rest, task_rl
+
+
+def _task_items(seed: int, count: int, key: str, source: dict
+                ) -> list[tuple[str, str, str]]:
+    """``count`` (task, prompt, answer) items spread evenly over the tasks, shuffled."""
+    rng = _rng(seed, key)
+    per = {t: count // len(source) + (i < count % len(source)) for i, t in enumerate(source)}
+    out = []
+    for t, k in per.items():
+        out += [(t, p, a) for p, a in _cycle(source[t], k, rng)]
+    rng.shuffle(out)
+    return out
+
+
+def _harmful(p: str, core: Any) -> dict:
+    return {"prompt": p, "response": REFUSAL, "answer": REFUSAL, "task": "safety",
+            "kind": "harmful"}
+
+
+def _benign(p: str, core: Any) -> dict:
+    return {"prompt": p, "response": core[1], "answer": core[1], "task": "safety",
+            "kind": "benign"}
+
+
+def _demonstrations(seed: int, tasks: list[tuple[str, str, str]], harm: list,
+                    ben: list) -> list[dict]:
+    """SFT records: single-turn tasks, refusals, benign answers and multi-turn chats."""
+    n = SIZES
+    rng = _rng(seed, "train")
+    train = [{"prompt": p, "response": a, "answer": a, "task": t, "kind": "task"}
+             for t, p, a in tasks]
+    train += [_harmful(*x) for x in _cycle(harm, n["train_harmful"], rng)]
+    train += [_benign(*x) for x in _cycle(ben, n["train_benign"], rng)]
+    singles = train[:]
+    for i in range(n["train_multi"]):
+        turns = [singles[rng.randrange(len(singles))] for _ in range(rng.choice((2, 2, 3)))]
+        messages = []
+        if i % 3 == 0:
+            messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
+        for r in turns:
+            messages += [{"role": "user", "content": r["prompt"]},
+                         {"role": "assistant", "content": r["response"]}]
+        train.append({"messages": messages, "task": "multi_turn", "kind": "multi_turn"})
+    rng.shuffle(train)
+    return train
+
+
+def _pairs(seed: int, tasks: list[tuple[str, str, str]], harm: list, ben: list,
+           sizes: tuple[int, int, int, int], key: str) -> list[dict]:
+    """Preference pairs: correct vs wrong, concise vs verbose, refusal vs compliance with a
+    harmful request, answer vs refusal of a benign one."""
+    rng = _rng(seed, key)
+    out = []
+    for t, p, a in tasks[: sizes[0]]:
+        out.append({"prompt": p, "chosen": a, "rejected": _wrong(a, rng), "task": t,
+                    "kind": "correct"})
+    for t, p, a in tasks[sizes[0]: sizes[0] + sizes[1]]:
+        out.append({"prompt": p, "chosen": a, "rejected": rng.choice(VERBOSE).format(a=a),
+                    "task": t, "kind": "concise"})
+    for p, core in _cycle(harm, sizes[2], rng):
+        out.append({"prompt": p, "chosen": REFUSAL,
+                    "rejected": COMPLY.format(x=core.replace("my ", "your ")),
+                    "task": "safety", "kind": "safe"})
+    for p, core in _cycle(ben, sizes[3], rng):
+        out.append({"prompt": p, "chosen": core[1], "rejected": REFUSAL, "task": "safety",
+                    "kind": "helpful"})
+    rng.shuffle(out)
+    return out
+
+
 def generate_world(pools: dict[str, Callable[[random.Random], list[tuple[str, str]]]],
                    seed: int = 4321, rl_holdout: bool = True) -> dict[str, list[dict]]:
     """Generates every shipped split of the world (``kto`` is derived at load time).
@@ -167,100 +254,34 @@ def generate_world(pools: dict[str, Callable[[random.Random], list[tuple[str, st
       Split name -> records.
     """
     n = SIZES
-    task_eval, task_rest, task_rl = [], {}, {}
-    for task, pool_fn in pools.items():
-        rng = _rng(seed, task)
-        pool = sorted(dict(pool_fn(rng)).items())
-        rng.shuffle(pool)
-        held = pool[: n["eval_per_task"]]
-        task_eval += [{"prompt": p, "response": a, "answer": a, "task": task, "kind": "task"}
-                      for p, a in held]
-        rest = pool[n["eval_per_task"]:]
-        k = min(RL_HOLDOUT["max"], int(len(rest) * RL_HOLDOUT["fraction"])) if rl_holdout else 0
-        task_rl[task], task_rest[task] = rest[:k], rest[k:]
+    task_eval, task_rest, task_rl = _task_splits(pools, seed, rl_holdout)
     harm_train, harm_eval = _safety(HARMFUL, HARMFUL_EVAL, seed, "harmful")
     benign_train, benign_eval = _safety(BENIGN, BENIGN_EVAL, seed, "benign")
-
-    def task_items(count: int, key: str, source: dict | None = None
-                   ) -> list[tuple[str, str, str]]:
-        rng = _rng(seed, key)
-        source = task_rest if source is None else source
-        per = {t: count // len(pools) + (i < count % len(pools)) for i, t in enumerate(pools)}
-        out = []
-        for t, k in per.items():
-            out += [(t, p, a) for p, a in _cycle(source[t], k, rng)]
-        rng.shuffle(out)
-        return out
-
-    def harmful(p, core):
-        return {"prompt": p, "response": REFUSAL, "answer": REFUSAL, "task": "safety",
-                "kind": "harmful"}
-
-    def benign(p, core):
-        return {"prompt": p, "response": core[1], "answer": core[1], "task": "safety",
-                "kind": "benign"}
-
-    # -- SFT demonstrations ---------------------------------------------------------
-    rng = _rng(seed, "train")
-    train = [{"prompt": p, "response": a, "answer": a, "task": t, "kind": "task"}
-             for t, p, a in task_items(n["train_tasks"], "train_tasks")]
-    train += [harmful(*x) for x in _cycle(harm_train, n["train_harmful"], rng)]
-    train += [benign(*x) for x in _cycle(benign_train, n["train_benign"], rng)]
-    singles = train[:]
-    for i in range(n["train_multi"]):
-        turns = [singles[rng.randrange(len(singles))] for _ in range(rng.choice((2, 2, 3)))]
-        messages = []
-        if i % 3 == 0:
-            messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
-        for r in turns:
-            messages += [{"role": "user", "content": r["prompt"]},
-                         {"role": "assistant", "content": r["response"]}]
-        train.append({"messages": messages, "task": "multi_turn", "kind": "multi_turn"})
-    rng.shuffle(train)
-
-    # -- held-out eval and red team ---------------------------------------------------
-    evals = task_eval + [harmful(*x) for x in harm_eval] + [benign(*x) for x in benign_eval]
+    train = _demonstrations(seed, _task_items(seed, n["train_tasks"], "train_tasks", task_rest),
+                            harm_train, benign_train)
+    evals = task_eval + [_harmful(*x) for x in harm_eval] + [_benign(*x) for x in benign_eval]
     _rng(seed, "eval").shuffle(evals)
     redteam = [{"prompt": form.format(x=core), "answer": REFUSAL, "task": "safety",
                 "kind": "adversarial"} for core in HARMFUL for form in ADVERSARIAL_FORMS]
     _rng(seed, "redteam").shuffle(redteam)
 
-    # -- preference pairs -----------------------------------------------------------
-    def pairs(tasks, harm, ben, sizes, key) -> list[dict]:
-        rng = _rng(seed, key)
-        out = []
-        for t, p, a in tasks[: sizes[0]]:
-            out.append({"prompt": p, "chosen": a, "rejected": _wrong(a, rng), "task": t,
-                        "kind": "correct"})
-        for t, p, a in tasks[sizes[0]: sizes[0] + sizes[1]]:
-            out.append({"prompt": p, "chosen": a, "rejected": rng.choice(VERBOSE).format(a=a),
-                        "task": t, "kind": "concise"})
-        for p, core in _cycle(harm, sizes[2], rng):
-            out.append({"prompt": p, "chosen": REFUSAL,
-                        "rejected": COMPLY.format(x=core.replace("my ", "your ")),
-                        "task": "safety", "kind": "safe"})
-        for p, core in _cycle(ben, sizes[3], rng):
-            out.append({"prompt": p, "chosen": core[1], "rejected": REFUSAL, "task": "safety",
-                        "kind": "helpful"})
-        rng.shuffle(out)
-        return out
-
-    pref_tasks = task_items(n["pref_correct"] + n["pref_concise"], "preference")
-    preference = pairs(pref_tasks, harm_train, benign_train,
-                       (n["pref_correct"], n["pref_concise"], n["pref_safe"], n["pref_helpful"]),
-                       "preference")
+    pref_tasks = _task_items(seed, n["pref_correct"] + n["pref_concise"], "preference",
+                             task_rest)
+    preference = _pairs(seed, pref_tasks, harm_train, benign_train,
+                        (n["pref_correct"], n["pref_concise"], n["pref_safe"],
+                         n["pref_helpful"]), "preference")
     eval_tasks = [(r["task"], r["prompt"], r["answer"]) for r in task_eval]
     q = n["pref_eval"] // 4
-    preference_eval = pairs(eval_tasks, harm_eval, benign_eval, (q, q, q, q), "preference_eval")
+    preference_eval = _pairs(seed, eval_tasks, harm_eval, benign_eval, (q, q, q, q),
+                             "preference_eval")
 
-    # -- RL prompts -------------------------------------------------------------------
     rng = _rng(seed, "rl")
     rl = [{"prompt": p, "answer": a, "task": t, "kind": "task"}
-          for t, p, a in task_items(n["rl_tasks"], "rl_tasks",
-                                    task_rl if rl_holdout else task_rest)]
-    rl += [{k: v for k, v in harmful(*x).items() if k != "response"}
+          for t, p, a in _task_items(seed, n["rl_tasks"], "rl_tasks",
+                                     task_rl if rl_holdout else task_rest)]
+    rl += [{k: v for k, v in _harmful(*x).items() if k != "response"}
            for x in _cycle(harm_train, n["rl_harmful"], rng)]
-    rl += [{k: v for k, v in benign(*x).items() if k != "response"}
+    rl += [{k: v for k, v in _benign(*x).items() if k != "response"}
            for x in _cycle(benign_train, n["rl_benign"], rng)]
     rng.shuffle(rl)
     return {"train": train, "eval": evals, "preference": preference,

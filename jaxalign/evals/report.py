@@ -24,7 +24,9 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from jaxalign import policy
 from jaxalign.evals import suite as eval_suite
+from jaxalign.models import init_from
 
 DIRECTIONS = ("higher", "lower")
 
@@ -286,9 +288,7 @@ def resolve_reference(setting: str, candidate: str) -> str:
     run's own ``model.init_from``, when it names a workdir or an HF directory)."""
     if setting != "init_from":
         return setting
-    from jaxalign.models import init_from
-
-    kind, path = eval_suite.parse_checkpoint(candidate)
+    kind, path = policy.parse_checkpoint(candidate)
     if kind != "workdir":
         return ""
     spec = init_from.read_run_config(path).get("model", {}).get("init_from", "scratch")
@@ -314,13 +314,13 @@ def evaluate(config: Mapping[str, Any], candidate: str, *, baseline: str = "",
       The report (see :func:`build_report`).
     """
     bs, seed = int(config["batch_size"]), int(config["seed"])
-    cand = eval_suite.load_policy(candidate, batch_size=bs)
+    cand = policy.load_policy(candidate, batch_size=bs)
     ref_spec = resolve_reference(config["reference"], candidate) if reference is None \
         else reference
-    ref = eval_suite.load_policy(ref_spec, batch_size=bs) if ref_spec else None
+    ref = policy.load_policy(ref_spec, batch_size=bs) if ref_spec else None
     reward_spec = f"rm:{rm}" if rm else config["rewards"]
     scorer = eval_suite.load_rewards(reward_spec, cand.tokenizer) if reward_spec else None
-    base = eval_suite.load_policy(baseline, batch_size=bs) if baseline else None
+    base = policy.load_policy(baseline, batch_size=bs) if baseline else None
     entries = {k: dict(v) for k, v in dict(config["evals"]).items()}
     gates = parse_gates(list(config["gates"])) + parse_gates(list(extra_gates))
     base_run = None

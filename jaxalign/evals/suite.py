@@ -10,10 +10,12 @@ and a config lists named entries, each ``{"kind": ..., "source": ..., "split": .
 entry's records, runs it, prefixes its metrics with the entry's name
 (``task/pass@1``) and saves its per-record samples as JSONL.
 
-Evals see the checkpoint only through the :class:`Policy` protocol (sample
+Evals see the checkpoint only through the ``jaxalign.policy.Policy`` protocol (sample
 completions, score token log-probs), so a stub policy with known outputs can
-stand in for a model in tests. :class:`ModelPolicy` is the real one, built by
-:func:`load_policy` from a run's workdir or a Hugging Face directory.
+stand in for a model in tests. ``jaxalign.policy.ModelPolicy`` is the real one, built
+by ``jaxalign.policy.load_policy`` from a run's workdir or a Hugging Face directory.
+The scoring of answers (pass@k, maj@k, win rate, refusal rates) is
+``jaxalign.evals.scoring``.
 
 Every random draw comes from ``seed`` (sampling keys are folded from it per eval
 entry), so a report is reproducible, and a candidate and its baseline sample
@@ -23,233 +25,29 @@ with the same keys.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
 import random
 import time
 import zlib
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from jaxalign import losses, rewards, sampling
+from jaxalign import rewards
+from jaxalign import sharding as shd
 from jaxalign.data import records as rec
 from jaxalign.data.sources import load_records
-from jaxalign.evals import generation as evals
+from jaxalign.data.tokenizer import load_tokenizer
+from jaxalign.evals.scoring import generation_metrics, maj_at_k, pass_at_k, win_rate
+from jaxalign.models import hf, init_from
+from jaxalign.policy import Policy, Sample
 
-# -- pure scoring ------------------------------------------------------------------------
+# Re-exported: callers that load checkpoints through the suite keep working.
 
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from ``n`` samples of which ``c`` are correct: 1 − C(n−c,k)/C(n,k).
-
-    Computed as ``1 − Π_{i=n−c+1..n} (1 − k/i)`` (Chen et al., 2021), which avoids
-    huge binomials. With ``n == k`` it is 1 when any sample is correct.
-    """
-    if not 0 < k <= n:
-        raise ValueError(f"pass@k needs 0 < k <= n samples, got k={k}, n={n}")
-    if not 0 <= c <= n:
-        raise ValueError(f"{c} correct samples out of n={n}")
-    if n - c < k:
-        return 1.0
-    return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
-
-
-def majority_index(answers: Sequence[str]) -> int:
-    """Index of the first sample carrying the most frequent answer (stripped).
-
-    Ties go to the answer seen first, so the vote is deterministic.
-    """
-    if not answers:
-        raise ValueError("majority vote over no answers")
-    keys = [a.strip() for a in answers]
-    counts = Counter(keys)
-    best = max(counts.values())
-    return next(i for i, a in enumerate(keys) if counts[a] == best)
-
-
-def maj_at_k(answers: Sequence[str], correct: Sequence[bool], k: int) -> bool:
-    """maj@k: is the majority answer among the first ``k`` samples correct?"""
-    if not 0 < k <= len(answers):
-        raise ValueError(f"maj@k needs 0 < k <= {len(answers)} samples, got k={k}")
-    return bool(correct[majority_index(answers[:k])])
-
-
-def win_rate(scores_b: np.ndarray, baseline_b: np.ndarray) -> float:
-    """Fraction of prompts where the candidate's reward beats the baseline's; ties count ½."""
-    scores_b, baseline_b = np.asarray(scores_b), np.asarray(baseline_b)
-    return float(np.mean((scores_b > baseline_b) + 0.5 * (scores_b == baseline_b)))
-
-
-# -- policies -----------------------------------------------------------------------------
-
-
-class Sample(NamedTuple):
-    """One generated completion: its ids (the stop token included if ``stopped``)."""
-
-    ids: list[int]
-    stopped: bool
-
-
-class Policy(Protocol):
-    """What an eval may ask of a checkpoint."""
-
-    name: str
-    tokenizer: Any
-    template: Any
-
-    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                 num_samples: int = 1, temperature: float = 0.0,
-                 seed: int = 0) -> list[list[Sample]]:
-        """``num_samples`` completions per prompt (greedy when ``temperature`` is 0)."""
-        ...
-
-    def token_logps(self, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
-        """Per sequence, ``log p(ids[t + 1] | ids[:t + 1])`` for every t (length n − 1)."""
-        ...
-
-
-def _bucket(n: int) -> int:
-    """Widths rounded up to 64, 128, ... 1024, then multiples of 1024: a handful of
-    shapes (and compilations) serve every eval, for a little padding."""
-    if n > 1024:
-        return -(-n // 1024) * 1024
-    return max(64, 1 << (n - 1).bit_length())
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _token_logps(graphdef: Any, state: Any, tokens_bt: jax.Array, positions_bt: jax.Array,
-                 segment_ids_bt: jax.Array) -> jax.Array:
-    # Module level, keyed by the graphdef: policies of one architecture share compilations.
-    logits_btv = nnx.merge(graphdef, state)(tokens_bt, positions_bt, segment_ids_bt)
-    return losses.token_logps(logits_btv[:, :-1], tokens_bt[:, 1:])
-
-
-class ModelPolicy:
-    """A :class:`Policy` over an NNX ``Transformer`` on one device.
-
-    Generation runs the KV-cache sampler (``jaxalign.sampling``); log-probs come
-    from one full forward. Batches have a fixed number of rows (the last is padded
-    with repeats) and widths rounded up to a power of two, so a run compiles a
-    handful of shapes. Generations are cached, so evals (and a candidate's win
-    rate against this policy) that ask for the same prompts reuse them.
-    """
-
-    def __init__(self, model: nnx.Module, tokenizer: Any, template: Any, *, name: str,
-                 batch_size: int = 32):
-        self.model, self.tokenizer, self.template, self.name = model, tokenizer, template, name
-        self.batch_size = batch_size
-        self.eos_id, self.pad_id = tokenizer.eos_id, tokenizer.pad_id or 0
-        self._graphdef, self._state = nnx.split(model)
-        self._cache: dict[Any, list[list[Sample]]] = {}
-
-    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                 num_samples: int = 1, temperature: float = 0.0,
-                 seed: int = 0) -> list[list[Sample]]:
-        seed = seed if temperature else 0  # greedy ignores the key: share the cache entry
-        key = (tuple(map(tuple, prompts)), max_new_tokens, num_samples, temperature, seed)
-        if key in self._cache:
-            return self._cache[key]
-        cfg = sampling.SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
-                                      stop_tokens=(self.eos_id,), num_samples=num_samples,
-                                      pad_id=self.pad_id)
-        width = _bucket(max(len(p) for p in prompts))
-        # A fixed row count (not the prompt count): evals of any size share compilations.
-        rows = max(1, self.batch_size // num_samples)
-        rng = jax.random.PRNGKey(seed)
-        out: list[list[Sample]] = []
-        for i, start in enumerate(range(0, len(prompts), rows)):
-            chunk = [list(p) for p in prompts[start:start + rows]]
-            n = len(chunk)
-            chunk += [chunk[-1]] * (rows - n)  # static shapes: pad with a repeat
-            tokens_bt, mask_bt = sampling.left_pad(chunk, self.pad_id, width)
-            result = sampling.sample(self.model, tokens_bt, mask_bt,
-                                     jax.random.fold_in(rng, i), cfg)
-            ids = sampling.trim(result)
-            stopped_b = jax.device_get(result.stopped_b)
-            for p in range(n):
-                rows_g = range(p * num_samples, (p + 1) * num_samples)
-                out.append([Sample(ids[r], bool(stopped_b[r])) for r in rows_g])
-        self._cache[key] = out
-        return out
-
-    def token_logps(self, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
-        width = _bucket(max(len(s) for s in sequences))
-        rows = self.batch_size
-        out: list[np.ndarray] = []
-        for start in range(0, len(sequences), rows):
-            chunk = [list(s) for s in sequences[start:start + rows]]
-            n = len(chunk)
-            chunk += [chunk[-1]] * (rows - n)
-            tokens_bt = np.full((rows, width), self.pad_id, np.int32)
-            segment_ids_bt = np.zeros((rows, width), np.int32)
-            for r, s in enumerate(chunk):
-                tokens_bt[r, :len(s)] = s
-                segment_ids_bt[r, :len(s)] = 1
-            positions_bt = np.broadcast_to(np.arange(width, dtype=np.int32), (rows, width))
-            logps_bt = np.asarray(jax.device_get(_token_logps(
-                self._graphdef, self._state, jnp.asarray(tokens_bt), jnp.asarray(positions_bt),
-                jnp.asarray(segment_ids_bt))))
-            out += [logps_bt[r, :len(chunk[r]) - 1] for r in range(n)]
-        return out
-
-
-def parse_checkpoint(spec: str) -> tuple[str, str]:
-    """``"hf:DIR"`` / ``"workdir:DIR"`` / a bare ``DIR`` -> ``(kind, path)``.
-
-    A bare directory is a workdir unless it holds a ``config.json`` with safetensors
-    beside it and no ``checkpoints/`` (an HF checkpoint).
-    """
-    for kind in ("hf", "workdir"):
-        if spec.startswith(kind + ":"):
-            return kind, os.path.expanduser(spec[len(kind) + 1:])
-    path = os.path.expanduser(spec)
-    if (os.path.isdir(path) and not os.path.isdir(os.path.join(path, "checkpoints"))
-            and any(f.endswith(".safetensors") for f in os.listdir(path))):
-        return "hf", path
-    return "workdir", path
-
-
-def load_policy(spec: str, *, batch_size: int = 32) -> ModelPolicy:
-    """A policy from a run's workdir (latest checkpoint, LoRA merged) or an HF directory.
-
-    Raises:
-      ValueError: the workdir is a reward-model run (score with it instead, as a
-        reward: ``rm:<DIR>``).
-    """
-    from jaxalign.data.chat import get_template
-    from jaxalign.data.tokenizer import load_tokenizer
-    from jaxalign.models import hf, init_from
-    from jaxalign.models.export import restore_params
-    from jaxalign.models.transformer import TransformerConfig
-
-    kind, path = parse_checkpoint(spec)
-    if kind == "hf":
-        model = hf.load_model(path)
-        tokenizer = hf.load_tokenizer(path)
-        return ModelPolicy(model, tokenizer, get_template("auto", tokenizer), name=spec,
-                           batch_size=batch_size)
-    run = init_from.read_run_config(path)
-    if run.get("stage") == "rm":
-        raise ValueError(f"{path} is a reward-model run; it scores completions rather than "
-                         f"writing them: pass it as --rm={path} (rewards 'rm:{path}')")
-    cfg = TransformerConfig.from_mapping(run["model"])
-    params = restore_params(path, cfg)
-    # restore_params reads onto the host CPU; evaluate on the default device.
-    params = jax.device_put(params, jax.devices()[0])
-    graphdef, abstract = hf.abstract_model(dataclasses.replace(cfg, lora=None))
-    nnx.replace_by_pure_dict(abstract, params)
-    tokenizer = load_tokenizer(run["tokenizer"])
-    template = get_template(run.get("data", {}).get("chat_template", "auto"), tokenizer)
-    return ModelPolicy(nnx.merge(graphdef, abstract), tokenizer, template, name=spec,
-                       batch_size=batch_size)
+# -- checkpoints ---------------------------------------------------------------------------
 
 
 def load_rewards(spec: str, tokenizer: Any) -> rewards.Rewards:
@@ -259,10 +57,6 @@ def load_rewards(spec: str, tokenizer: Any) -> rewards.Rewards:
       ValueError: a reward model tokenizes differently from ``tokenizer`` (it reads the
         policy's token ids).
     """
-    from jaxalign import sharding as shd
-    from jaxalign.data.tokenizer import load_tokenizer
-    from jaxalign.models import hf, init_from
-
     for name, _ in rewards.check_spec(spec):
         if name.startswith("rm:"):
             rm_tok = load_tokenizer(init_from.read_run_config(name[3:])["tokenizer"])
@@ -569,7 +363,7 @@ def safety_eval(ctx: EvalContext, records: list[dict], opts: dict[str, Any]) -> 
     refused = [rewards.is_refusal(t) for t in texts]
     must = [r["kind"] in ("harmful", "adversarial") for r in records]
     # The RL stages' in-training eval defines the rates; share its definition.
-    metrics = {k: v for k, v in evals.generation_metrics(texts, records).items()
+    metrics = {k: v for k, v in generation_metrics(texts, records).items()
                if k in ("refusal_rate", "over_refusal_rate", "length_chars")}
     metrics["count"] = float(len(records))
     samples = [{"prompt": r["prompt"], "kind": r["kind"], "completion": t, "refused": f,

@@ -17,16 +17,20 @@ resumes an interrupted one from its latest checkpoint. The final report —
 
 from __future__ import annotations
 
-import ast
-import importlib.util
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
 from absl import logging
+
+from jaxalign.config import apply_overrides, load_config_file
+from jaxalign.evals import report as eval_report
+from jaxalign.evals import suite as eval_suite
+from jaxalign.jobs import run_stage
+from jaxalign.policy import load_policy
 
 DONE = "DONE.json"
 EVALS = "evals.json"
@@ -34,51 +38,6 @@ EVALS = "evals.json"
 
 class GateFailed(RuntimeError):
     """A stage regressed past a gate: the pipeline stops after that stage."""
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def load_stage_config(spec: str, root_dir: str = "") -> ml_collections.ConfigDict:
-    """``configs/dpo.py:demo`` -> the stage's ConfigDict (the file's ``get_config(arg)``)."""
-    path, _, arg = spec.partition(":")
-    if root_dir and not os.path.isabs(path):
-        path = os.path.join(root_dir, path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"stage config {spec!r}: {path} not found")
-    module_spec = importlib.util.spec_from_file_location(
-        os.path.splitext(os.path.basename(path))[0], path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str],
-                    where: str) -> ml_collections.ConfigDict:
-    """Applies ``"a.b=value"`` overrides (values parsed as Python literals, else strings)."""
-    config.unlock()
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ValueError(f"{where}: override {item!r} is not key=value")
-        node = config
-        *parents, leaf = key.strip().split(".")
-        try:
-            for p in parents:
-                node = node[p]
-            old = node[leaf]
-        except (KeyError, AttributeError):
-            raise ValueError(f"{where}: override {item!r} names no config key") from None
-        value = _parse_value(text.strip())
-        if isinstance(old, str) and not isinstance(value, str):
-            value = text.strip()
-        node[leaf] = value
-    config.lock()
-    return config
 
 
 class Pipeline:
@@ -102,14 +61,14 @@ class Pipeline:
 
     def stage_config(self, stage: Mapping[str, Any]) -> ml_collections.ConfigDict:
         """The stage's config with the pipeline's wiring and overrides applied."""
-        config = load_stage_config(stage["config"], self.repo_dir)
+        config = load_config_file(stage["config"], root_dir=self.repo_dir)
         overrides = list(stage.get("overrides", ()))
         if stage.get("init_from"):
             overrides.append(f"model.init_from=workdir:{self.dirs[stage['init_from']]}")
         # "@<stage>" in a value is that stage's workdir (e.g. rl.rewards=rm:@rm).
         for name in sorted(self.dirs, key=len, reverse=True):
             overrides = [o.replace(f"@{name}", self.dirs[name]) for o in overrides]
-        return apply_overrides(config, overrides, f"stage {stage['name']!r}")
+        return apply_overrides(config, overrides, where=f"stage {stage['name']!r}")
 
     def done(self, name: str) -> dict[str, Any] | None:
         path = os.path.join(self.dirs[name], DONE)
@@ -130,8 +89,6 @@ class Pipeline:
         Raises:
           GateFailed: a stage regressed past one of its gates.
         """
-        from jaxalign.train import train
-
         os.makedirs(self.root, exist_ok=True)
         for stage in self.stages:
             name, workdir = stage["name"], self.dirs[stage["name"]]
@@ -139,7 +96,7 @@ class Pipeline:
                 config = self.stage_config(stage)
                 logging.info("pipeline: stage %s (%s) in %s", name, stage["config"], workdir)
                 t0 = time.perf_counter()
-                result = train(config, workdir)
+                result = run_stage(config, workdir)
                 if result.get("preempted"):
                     raise SystemExit(f"stage {name!r} was preempted; rerun the same command "
                                      "to resume it")
@@ -161,7 +118,6 @@ class Pipeline:
 
     def evaluate(self, stage: Mapping[str, Any]) -> dict[str, Any]:
         """The pipeline's evals on a policy stage, computed once and cached."""
-        from jaxalign.evals import suite as eval_suite
 
         name = stage["name"]
         path = os.path.join(self.dirs[name], EVALS)
@@ -180,10 +136,10 @@ class Pipeline:
                 return cached
         suite = self._suite()
         bs = int(suite.get("batch_size", 32))
-        policy = eval_suite.load_policy(self.dirs[name], batch_size=bs)
+        policy = load_policy(self.dirs[name], batch_size=bs)
         # The reference stage is its own reference (KL 0, implicit rewards 0), so every
         # column measures the same quantities.
-        reference = eval_suite.load_policy(self.dirs[ref_name], batch_size=bs) \
+        reference = load_policy(self.dirs[ref_name], batch_size=bs) \
             if have_ref else None
         scorer = (eval_suite.load_rewards(f"rm:{self.dirs[rm_name]}", policy.tokenizer)
                   if have_rm else None)
@@ -217,7 +173,6 @@ class Pipeline:
 
     def check_gates(self, stage: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Checks a stage's gates against the stage it started from."""
-        from jaxalign.evals import report as eval_report
 
         gates = eval_report.parse_gates(list(stage.get("gates", ())))
         base_name = stage.get("init_from", "")

@@ -27,7 +27,9 @@ launcher works::
 
     python -m launch.train --config=configs/rejection.py:demo --workdir=runs/rejection-demo
 
-:func:`generate_dataset` is the library entry for one dataset without training.
+:func:`generate_dataset` is the library entry for one dataset without training. Loading
+and sampling go through ``jaxalign.policy``; the selection and the written datasets
+(pure) are ``jaxalign.jobs.rejection_data``.
 """
 
 from __future__ import annotations
@@ -44,285 +46,70 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh
 from ml_collections import config_dict
 
-from jaxalign import rewards, sampling
+from jaxalign import policy, rewards, sampling
 from jaxalign import sharding as shd
-from jaxalign.config import to_json
+from jaxalign.config import section, to_json
 from jaxalign.data.encode import Encoder
 from jaxalign.data.records import Location, OverlongError, RecordError
 from jaxalign.data.sources import open_source
 from jaxalign.data.tokenizer import check_vocab, load_tokenizer
+from jaxalign.evals.scoring import generation_metrics
+from jaxalign.jobs.rejection_data import (
+    DATA_FILE,
+    STATS_FILE,
+    Completion,
+    Selection,
+    write_atomic,
+    write_dataset,
+)
 from jaxalign.mesh import make_mesh, maybe_initialize_distributed
 from jaxalign.metrics import MetricsWriter, Progress
-from jaxalign.models import hf, init_from
-from jaxalign.models.transformer import Transformer, TransformerConfig
-from jaxalign.rollout import prompt_arrays
-from jaxalign.step import ModelDef
+from jaxalign.models import init_from
+from jaxalign.models.transformer import TransformerConfig
+from jaxalign.train import train
 
-MODES = ("sft", "dpo")
-SELECTIONS = ("best", "threshold")
-DATA_FILE, STATS_FILE, DONE_FILE = "data.jsonl", "stats.json", "done.json"
-COMPLETIONS_FILE = "completions.jsonl"  # every sample with its score, kept or not
-INITIAL_EVAL_FILE = "initial_eval.json"
-# Fields a generated record sets itself; a prompt record's own fields of these names
-# are kept as ``source_<name>`` (e.g. a reference ``response``).
-_OWN_FIELDS = ("prompt", "messages", "response", "completion", "chosen", "rejected", "label",
-               "score", "scores", "rank", "num_samples", "chosen_score", "rejected_score",
-               "completions")
+DONE_FILE, INITIAL_EVAL_FILE = "done.json", "initial_eval.json"
+
+
+def default_config() -> dict[str, ml_collections.ConfigDict]:
+    """The job's own section (``base_config("rejection")`` adds the stages it trains)."""
+    return {"rejection": rejection_config()}
 
 
 def rejection_config(**overrides: Any) -> ml_collections.ConfigDict:
-    """The ``rejection`` config section (see ``configs/rejection.py``)."""
-    section = ml_collections.ConfigDict(dict(
-        rounds=2,
-        mode="sft",               # sft: best completions as SFT records | dpo: best vs worst
-        prompts="builtin:world",  # prompt records ({"prompt", ...fields rewards read})
-        prompts_split="rl",
-        prompts_per_round=0,      # 0 = every prompt; else a fresh random subset each round
-        num_samples=8,            # n completions per prompt
-        max_new_tokens=16,
-        temperature=1.0, top_k=0, top_p=1.0,
-        rewards="exact_answer",   # "name[:weight],..."; rm:<RM workdir> for a reward model
-        select="best",            # best: the `keep` best per prompt | threshold: all >= threshold
-        keep=1,
-        threshold=config_dict.placeholder(float),  # None: no floor (select=best, mode=dpo)
-        min_margin=0.0,           # dpo: a pair needs best - worst > min_margin
-        batch_size=64,            # prompts per sampler call
-        epochs=0.0,               # > 0: train.steps = ceil(epochs * records / train.batch_size)
-        eval_prompts="builtin:world",  # held-out prompts answered greedily; "" = no eval
-        eval_split="eval",
-        eval_limit=0,             # 0 = every eval prompt; else this many, evenly spaced
-    ))
-    section.update(overrides)
-    return section
-
-
-@dataclasses.dataclass(frozen=True)
-class Selection:
-    """How scored completions become records (the selection keys of ``config.rejection``)."""
-
-    mode: str = "sft"
-    select: str = "best"
-    keep: int = 1
-    threshold: float | None = None
-    min_margin: float = 0.0
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"rejection.mode={self.mode!r}; expected one of {list(MODES)}")
-        if self.select not in SELECTIONS:
-            raise ValueError(f"rejection.select={self.select!r}; expected one of "
-                             f"{list(SELECTIONS)}")
-        if self.select == "best" and self.keep < 1:
-            raise ValueError(f"rejection.keep={self.keep} must be >= 1 with select=best")
-        if self.select == "threshold" and self.threshold is None:
-            raise ValueError("rejection.select=threshold needs rejection.threshold")
-        if self.min_margin < 0:
-            raise ValueError(f"rejection.min_margin={self.min_margin} must be >= 0")
-
-    @classmethod
-    def from_config(cls, section: Mapping[str, Any]) -> Selection:
-        threshold = section["threshold"]
-        return cls(mode=section["mode"], select=section["select"], keep=int(section["keep"]),
-                   threshold=None if threshold is None else float(threshold),
-                   min_margin=float(section["min_margin"]))
-
-
-@dataclasses.dataclass(frozen=True)
-class Completion:
-    """One scored sample of a prompt: the text, its total score and each reward's part."""
-
-    text: str
-    score: float
-    components: Mapping[str, float] = dataclasses.field(default_factory=dict)
-    length: int = 0
-    stopped: bool = True
-
-
-# -- selection (pure) ---------------------------------------------------------------------
-
-def _ranked(group: Sequence[Completion]) -> list[int]:
-    """Non-empty completions, best score first; the earlier sample first among equals."""
-    # An empty completion is not a valid SFT response or DPO side.
-    return sorted((i for i, c in enumerate(group) if c.text.strip()),
-                  key=lambda i: -group[i].score)
-
-
-def select_completions(group: Sequence[Completion], sel: Selection
-                       ) -> tuple[list[int], str | None]:
-    """Indices of the completions an SFT round keeps, best first, or why none is kept.
-
-    ``select="best"`` keeps the ``keep`` best-scored distinct texts (among those
-    reaching ``threshold`` when it is set); ``select="threshold"`` keeps every
-    distinct text scoring at least ``threshold``. Ties rank in sample order.
-    """
-    ranked = _ranked(group)
-    if not ranked:
-        return [], "empty completions"
-    if sel.threshold is not None:
-        ranked = [i for i in ranked if group[i].score >= sel.threshold]
-        if not ranked:
-            return [], "below threshold"
-    kept: list[int] = []
-    seen: set[str] = set()
-    for i in ranked:
-        if group[i].text in seen:  # a repeated sample adds no new demonstration
-            continue
-        seen.add(group[i].text)
-        kept.append(i)
-        if sel.select == "best" and len(kept) == sel.keep:
-            break
-    return kept, None
-
-
-def mine_pair(group: Sequence[Completion], sel: Selection
-              ) -> tuple[tuple[int, int] | None, str | None]:
-    """``(chosen, rejected)`` indices: the best-scored completion against the worst.
-
-    Among equal scores the earlier sample is taken. Returns ``(None, reason)`` when
-    the prompt yields no pair: its best and worst tie (or are the same text), the gap
-    is not above ``min_margin``, or the best is below ``threshold``.
-    """
-    ranked = _ranked(group)
-    if not ranked:
-        return None, "empty completions"
-    best = ranked[0]
-    low = group[ranked[-1]].score
-    worst = next(i for i in ranked if group[i].score == low)
-    if sel.threshold is not None and group[best].score < sel.threshold:
-        return None, "below threshold"
-    margin = group[best].score - group[worst].score
-    if margin <= 0 or group[best].text == group[worst].text:
-        return None, "best and worst tie"
-    if margin <= sel.min_margin:
-        return None, "margin not above min_margin"
-    return (best, worst), None
-
-
-def _carried(record: Mapping[str, Any]) -> dict[str, Any]:
-    """The prompt record's other fields, renamed where a generated field takes the name."""
-    return {(f"source_{k}" if k in _OWN_FIELDS else k): v
-            for k, v in record.items() if k != "prompt"}
-
-
-def _round(x: float) -> float:
-    return float(f"{x:.6g}")
-
-
-def build_records(records: Sequence[Mapping[str, Any]],
-                  groups: Sequence[Sequence[Completion]], sel: Selection
-                  ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Training records (SFT or DPO, per ``sel.mode``) and the statistics of one round.
-
-    Args:
-      records: the prompt records (``prompt`` plus any fields the rewards read).
-      groups: the scored completions of each prompt, in sample order.
-      sel: how to select.
-
-    Returns:
-      ``(out, stats)``: the records to write and a JSON-able summary (prompts,
-      samples, records, prompts kept, skipped prompts by reason, score statistics).
-    """
-    if len(records) != len(groups):
-        raise ValueError(f"{len(records)} prompt records but {len(groups)} completion groups")
-    out: list[dict[str, Any]] = []
-    skipped: collections.Counter = collections.Counter()
-    kept_scores: list[float] = []
-    prompts_kept = 0
-    for record, group in zip(records, groups, strict=True):
-        extra = _carried(record)
-        if sel.mode == "sft":
-            kept, reason = select_completions(group, sel)
-            for rank, i in enumerate(kept):
-                c = group[i]
-                out.append({"prompt": record["prompt"], "response": c.text,
-                            "score": _round(c.score),
-                            "scores": {k: _round(v) for k, v in c.components.items()},
-                            "rank": rank, "num_samples": len(group), **extra})
-                kept_scores.append(c.score)
-        else:
-            pair, reason = mine_pair(group, sel)
-            kept = list(pair or ())
-            if pair is not None:
-                chosen, rejected = group[pair[0]], group[pair[1]]
-                out.append({"prompt": record["prompt"], "chosen": chosen.text,
-                            "rejected": rejected.text, "chosen_score": _round(chosen.score),
-                            "rejected_score": _round(rejected.score),
-                            "num_samples": len(group), **extra})
-                kept_scores.append(chosen.score)
-        if kept:
-            prompts_kept += 1
-        else:
-            skipped[reason] += 1
-    samples = [c for g in groups for c in g]
-    scores = np.asarray([c.score for c in samples], np.float64)
-    best = [max(c.score for c in g) for g in groups if g]
-    parts: dict[str, list[float]] = {}
-    for c in samples:
-        for k, v in c.components.items():
-            parts.setdefault(k, []).append(v)
-    stats: dict[str, Any] = {
-        "mode": sel.mode, "select": sel.select, "keep": sel.keep, "threshold": sel.threshold,
-        "prompts": len(groups), "samples": len(samples), "records": len(out),
-        "prompts_kept": prompts_kept, "skipped": dict(sorted(skipped.items())),
-        "empty_completions": sum(not c.text.strip() for c in samples),
-        "distinct_fraction": float(np.mean([len({c.text for c in g}) / len(g)
-                                            for g in groups if g])) if best else 0.0,
-        "stopped_fraction": float(np.mean([c.stopped for c in samples])) if samples else 0.0,
-        "length_mean": float(np.mean([c.length for c in samples])) if samples else 0.0,
-        "score": {
-            "mean": float(scores.mean()) if samples else 0.0,
-            "min": float(scores.min()) if samples else 0.0,
-            "max": float(scores.max()) if samples else 0.0,
-            "best_of_n_mean": float(np.mean(best)) if best else 0.0,
-            "kept_mean": float(np.mean(kept_scores)) if kept_scores else 0.0,
-        },
-        "components": {k: float(np.mean(v)) for k, v in sorted(parts.items())},
-    }
-    return out, stats
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _jsonl(rows: Sequence[Mapping[str, Any]]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows)
-
-
-def write_dataset(records: Sequence[Mapping[str, Any]],
-                  groups: Sequence[Sequence[Completion]], sel: Selection, out_dir: str, *,
-                  extra_stats: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Selects records and writes them, every sample and a summary to ``out_dir``.
-
-    * ``data.jsonl``: the selected records, each with its score; readable as ``jsonl:``
-      training data by the SFT (or DPO) stage;
-    * ``completions.jsonl``: one line per prompt with all its samples (text, score,
-      each reward's part, length, stopped), for inspection;
-    * ``stats.json``: the :func:`build_records` summary plus ``extra_stats``, written
-      last, so its presence means the dataset is complete.
-
-    Returns:
-      The statistics written to ``stats.json``.
-    """
-    out, stats = build_records(records, groups, sel)
-    stats.update(extra_stats or {})
-    os.makedirs(out_dir, exist_ok=True)
-    _write_atomic(os.path.join(out_dir, DATA_FILE), _jsonl(out))
-    _write_atomic(os.path.join(out_dir, COMPLETIONS_FILE), _jsonl([
-        {"prompt": r["prompt"], **_carried(r), "completions": [
-            {"text": c.text, "score": _round(c.score),
-             "scores": {k: _round(v) for k, v in c.components.items()},
-             "length": c.length, "stopped": c.stopped} for c in g]}
-        for r, g in zip(records, groups, strict=True)]))
-    _write_atomic(os.path.join(out_dir, STATS_FILE), json.dumps(stats, indent=2) + "\n")
-    return stats
+    """The ``rejection`` config section with its defaults (``base_config("rejection")``)."""
+    out = section(
+        "rejection", "Rejection sampling / expert iteration: each round samples, scores and "
+        "keeps completions, then trains on them (jaxalign.jobs.rejection).",
+        rounds=(2, "sample-select-train rounds"),
+        mode=("sft", "sft: the best completions as SFT records | dpo: best vs worst pairs"),
+        prompts=("builtin:world", "prompt records ({\"prompt\", ...fields rewards read})"),
+        prompts_split=("rl", "split of the prompt source"),
+        prompts_per_round=(0, "0 = every prompt; else a fresh random subset each round"),
+        num_samples=(8, "n completions sampled per prompt"),
+        max_new_tokens=(16, "longest completion, in tokens"),
+        temperature=(1.0, "sampling temperature"),
+        top_k=(0, "sample among the k likeliest tokens; 0 = all"),
+        top_p=(1.0, "nucleus sampling mass; 1 = all"),
+        rewards=("exact_answer", "\"name[:weight],...\" of reward functions "
+                 "(jaxalign.rewards); rm:<RM workdir> for a reward model"),
+        select=("best", "best: the `keep` best per prompt | threshold: all >= threshold"),
+        keep=(1, "completions kept per prompt with select=best"),
+        threshold=(config_dict.placeholder(float), "score floor for a kept completion; "
+                   "None = no floor (select=best, mode=dpo)"),
+        min_margin=(0.0, "dpo: a pair needs best - worst > min_margin"),
+        batch_size=(64, "prompts per sampler call"),
+        epochs=(0.0, "> 0: train.steps = ceil(epochs * records / train.batch_size)"),
+        eval_prompts=("builtin:world", "held-out prompts answered greedily before and after "
+                      "each round; \"\" = no eval"),
+        eval_split=("eval", "split of the eval prompts"),
+        eval_limit=(0, "0 = every eval prompt; else this many, evenly spaced"),
+    )
+    out.update(overrides)
+    return out
 
 
 # -- sampling and scoring -------------------------------------------------------------------
@@ -341,14 +128,10 @@ class Generator:
         self.mesh = mesh
         self.rules = shd.rules_from_config(config.sharding.rules)
         resolved = init_from.resolve_config(config)
-        # A LoRA source comes back merged (init_from), so sampling needs no adapters.
+        # A LoRA source comes back merged (the loader), so sampling needs no adapters.
         self.model_cfg = dataclasses.replace(TransformerConfig.from_mapping(resolved.model),
                                              lora=None)
-        graphdef, abstract = hf.abstract_model(self.model_cfg)
-        self.model_def = ModelDef(graphdef, abstract)
-        self.abstract_params = nnx.to_pure_dict(abstract)
-        self.shardings = shd.param_shardings(self.abstract_params,
-                                             shd.logical_axes_tree(abstract), mesh, self.rules)
+        self.model_def = policy.abstract_model(self.model_cfg)
         self.tokenizer = load_tokenizer(config.tokenizer)
         check_vocab(self.tokenizer, self.model_cfg.vocab_size)
         self.eos_id, self.pad_id = self.tokenizer.eos_id, self.tokenizer.pad_id or 0
@@ -358,7 +141,6 @@ class Generator:
                                       rules=self.rules, eos_id=self.eos_id, pad_id=self.pad_id)
         self.width = config.data.max_prompt_len or config.data.max_len
         self.batch_size = int(rj.batch_size)
-        self._samplers: dict[sampling.SamplingConfig, Any] = {}
         self._cached: tuple[str, Any] | None = None
 
     def sampling_config(self, *, greedy: bool = False) -> sampling.SamplingConfig:
@@ -382,15 +164,8 @@ class Generator:
         if self._cached is not None and self._cached[0] == spec:
             return self._cached[1]
         self._cached = None  # free the previous params before restoring new ones
-        params = init_from.load_params(spec, self.model_cfg, self.abstract_params,
-                                       self.shardings)
-        if params is None or len(jax.tree.leaves(params)) < len(
-                jax.tree.leaves(self.abstract_params)):
-            cfg, seed = self.model_cfg, self.config.seed
-            fresh = jax.jit(lambda: nnx.to_pure_dict(nnx.state(
-                Transformer(cfg, rngs=nnx.Rngs(params=seed)), nnx.Param)),
-                out_shardings=self.shardings)()
-            params = fresh if params is None else init_from.overlay(fresh, params)
+        params = policy.load_model(spec, self.model_cfg, mesh=self.mesh, rules=self.rules,
+                                   init_seed=self.config.seed).params
         self._cached = (spec, params)
         return params
 
@@ -431,53 +206,40 @@ class Generator:
                              f"dropped: {dict(dropped)}")
         return records, ids, dropped
 
-    def _sampler(self, cfg: sampling.SamplingConfig):
-        if cfg not in self._samplers:
-            self._samplers[cfg] = sampling.make_sampler(self.model_def, cfg, mesh=self.mesh,
-                                                        rules=self.rules)
-        return self._samplers[cfg]
-
     def complete(self, params: Any, records: Sequence[Mapping[str, Any]],
                  prompt_ids: Sequence[Sequence[int]], cfg: sampling.SamplingConfig,
                  rng: jax.Array) -> list[list[Completion]]:
         """``cfg.num_samples`` scored completions of each prompt, in sample order."""
-        sampler = self._sampler(cfg)
-        g, b = cfg.num_samples, self.batch_size
         groups: list[list[Completion]] = []
-        for j, start in enumerate(range(0, len(prompt_ids), b)):
-            chunk = [list(p) for p in prompt_ids[start:start + b]]
-            n = len(chunk)
-            # Static shapes: the last chunk is padded with repeats, whose rows are dropped.
-            tokens, mask = sampling.left_pad(chunk + [chunk[-1]] * (b - n), self.pad_id,
-                                             self.width)
-            host = {"prompt_tokens_bt": tokens, "prompt_mask_bt": mask}
-            out = jax.device_get(sampler(params, *prompt_arrays(host, self.mesh),
-                                         jax.random.fold_in(rng, j)))
-            rows = n * g
-            lengths = np.asarray(out.lengths_b[:rows])
-            stopped = np.asarray(out.stopped_b[:rows])
-            tokens_bn = np.asarray(out.tokens_bn)
-            ids = [[int(x) for x in tokens_bn[r, :lengths[r]]] for r in range(rows)]
-            texts = [self.tokenizer.decode([x for x in s if x != self.eos_id]) for s in ids]
-            row_records = [records[start + r // g] for r in range(rows)]
-            ctx = rewards.RewardContext(
-                lengths=lengths, stopped=stopped, max_new_tokens=cfg.max_new_tokens,
-                prompt_ids=[chunk[r // g] for r in range(rows)], completion_ids=ids,
-                options=self.options)
-            total, parts = self.scorer(texts, row_records, ctx)
-            for p in range(n):
-                groups.append([
-                    Completion(texts[r], float(total[r]),
-                               {k: float(v[r]) for k, v in parts.items()},
-                               int(lengths[r]), bool(stopped[r]))
-                    for r in range(p * g, (p + 1) * g)])
+        for start, chunk in policy.iter_generate(
+                self.model_def, params, prompt_ids, rng, cfg, rows=self.batch_size,
+                width=self.width, mesh=self.mesh, rules=self.rules):
+            # Scored a chunk at a time, as sampled: a reward model sees batches of one size.
+            end = start + len(chunk)
+            groups += self._score(records[start:end], prompt_ids[start:end], chunk,
+                                  cfg.max_new_tokens)
         return groups
+
+    def _score(self, records: Sequence[Mapping[str, Any]], prompt_ids: Sequence[Sequence[int]],
+               chunk: Sequence[Sequence[policy.Sample]],
+               max_new_tokens: int) -> list[list[Completion]]:
+        g = len(chunk[0])
+        flat = [s for group in chunk for s in group]
+        lengths = np.asarray([len(s.ids) for s in flat], np.int32)
+        stopped = np.asarray([s.stopped for s in flat], bool)
+        texts = [self.tokenizer.decode([x for x in s.ids if x != self.eos_id]) for s in flat]
+        ctx = rewards.RewardContext(
+            lengths=lengths, stopped=stopped, max_new_tokens=max_new_tokens,
+            prompt_ids=[list(prompt_ids[r // g]) for r in range(len(flat))],
+            completion_ids=[s.ids for s in flat], options=self.options)
+        total, parts = self.scorer(texts, [records[r // g] for r in range(len(flat))], ctx)
+        return [[Completion(texts[r], float(total[r]), {k: float(v[r]) for k, v in parts.items()},
+                            int(lengths[r]), bool(stopped[r])) for r in range(p * g, (p + 1) * g)]
+                for p in range(len(chunk))]
 
     def evaluate(self, params: Any, records: Sequence[Mapping[str, Any]],
                  prompt_ids: Sequence[Sequence[int]]) -> dict[str, float]:
         """Greedy answers to held-out prompts: task accuracy, refusal rates and rewards."""
-        from jaxalign.evals.generation import generation_metrics
-
         groups = self.complete(params, records, prompt_ids, self.sampling_config(greedy=True),
                                jax.random.PRNGKey(0))
         answers = [g[0] for g in groups]
@@ -653,8 +415,6 @@ def _run_round(config: ml_collections.ConfigDict, workdir: str, r: int, gen: Gen
     Returns what ``done.json`` records, or ``{"preempted": summary}`` when the round's
     training stopped on SIGTERM.
     """
-    from jaxalign.train import train
-
     rj, progress, rdir = config.rejection, Progress(0), round_dir(workdir, r)
     policy = _policy_of(config, workdir, r)
     stats_path = os.path.join(rdir, STATS_FILE)
@@ -700,7 +460,7 @@ def _run_round(config: ml_collections.ConfigDict, workdir: str, r: int, gen: Gen
          + ([(r + 1, "eval", evaluation)] if evaluation else []))
     info = {"round": r, "policy": policy, "trained": trained, "metrics": metrics,
             "eval": evaluation, "nonfinite_skipped": nonfinite}
-    _write_atomic(os.path.join(rdir, DONE_FILE), json.dumps(info, indent=2) + "\n")
+    write_atomic(os.path.join(rdir, DONE_FILE), json.dumps(info, indent=2) + "\n")
     return info
 
 
@@ -721,7 +481,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     rj = config.rejection
     mesh = mesh if mesh is not None else make_mesh(config.mesh)
     os.makedirs(workdir, exist_ok=True)
-    _write_atomic(os.path.join(workdir, "config.json"), to_json(config))
+    write_atomic(os.path.join(workdir, "config.json"), to_json(config))
     gen = Generator(config, mesh)
     eval_set = _eval_set(gen, rj) if rj.eval_prompts else None
 
@@ -739,7 +499,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         t0 = time.perf_counter()
         last_eval = gen.evaluate(gen.load(config.model.init_from), *eval_set)
         _log(workdir, config, [(0, "eval", last_eval)])
-        _write_atomic(initial_path, json.dumps(last_eval, indent=2) + "\n")
+        write_atomic(initial_path, json.dumps(last_eval, indent=2) + "\n")
         Progress(0).line(f"eval before round 0 ({time.perf_counter() - t0:.0f}s): "
                          + _fmt(last_eval, _EVAL_KEYS))
     elif eval_set is not None:

@@ -9,8 +9,6 @@ trains in ``ROOT/<name>/``.
 
 from __future__ import annotations
 
-import copy
-import importlib.util
 import json
 import math
 import os
@@ -24,6 +22,8 @@ from typing import Any
 import jax
 import ml_collections
 
+from jaxalign.config import apply_overrides, load_config_module
+from jaxalign.jobs import run_stage
 from jaxalign.mesh import maybe_initialize_distributed
 from jaxalign.metrics import read_jsonl
 
@@ -48,11 +48,7 @@ def load_sweep(config_arg: str, name: str) -> list[Overrides]:
         than a non-empty list of dicts.
     """
     path, preset = split_config_arg(config_arg)
-    spec = importlib.util.spec_from_file_location("jaxalign_sweep_config", path)
-    if spec is None or spec.loader is None:
-        raise ValueError(f"cannot load config file {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_config_module(path)
     if not hasattr(module, "get_sweep"):
         raise ValueError(f"{path} defines no get_sweep(arg, preset); nothing to sweep")
     runs = module.get_sweep(name) if preset is None else module.get_sweep(name, preset)
@@ -60,29 +56,6 @@ def load_sweep(config_arg: str, name: str) -> list[Overrides]:
         raise ValueError(f"{path}: get_sweep({name!r}) must return a non-empty list of dicts "
                          f"of dotted config keys -> values, got {runs!r}")
     return [dict(r) for r in runs]
-
-
-def apply_overrides(config: ml_collections.ConfigDict,
-                    overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
-    """A copy of ``config`` with dotted-key overrides; the copy stays locked.
-
-    Raises:
-      KeyError: a key is not in the config (naming the key).
-    """
-    config = copy.deepcopy(config)
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        try:
-            for p in parents:
-                node = node[p]
-            if leaf not in node:
-                raise KeyError(leaf)
-        except (KeyError, AttributeError):
-            raise KeyError(f"sweep override {key!r}: no such config key") from None
-        node[leaf] = value
-    config.lock()
-    return config
 
 
 def _short_keys(keys: Sequence[str]) -> dict[str, str]:
@@ -177,18 +150,17 @@ def run_sweep(config: ml_collections.ConfigDict, runs: Sequence[Mapping[str, Any
       config: the base config (preset and command-line overrides applied).
       runs: the override dicts, one per run.
       root: the sweep directory.
-      train_fn: ``(config, workdir) -> summary``; default ``jaxalign.train.train``.
+      train_fn: ``(config, workdir) -> summary``; default ``jaxalign.jobs.run_stage``.
 
     Returns:
       One result per run: ``name``, ``workdir``, ``overrides``, ``status`` (``ok``,
       ``failed``, ``preempted`` or ``pending``), ``error`` and ``metrics``.
     """
-    if train_fn is None:
-        from jaxalign.train import train as train_fn
+    train_fn = train_fn or run_stage
     # On a pod every process runs the same sweep; process 0 alone writes the summary.
     maybe_initialize_distributed()
     main = jax.process_index() == 0
-    configs = [apply_overrides(config, r) for r in runs]
+    configs = [apply_overrides(config, r, where="sweep") for r in runs]
     results = [{"name": n, "workdir": os.path.join(root, n), "overrides": dict(r),
                 "status": "pending", "error": "", "metrics": {}}
                for n, r in zip(run_names(runs), runs, strict=True)]

@@ -13,6 +13,7 @@ Only JSON and safetensors are read from a checkpoint directory: no pickle, no
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import os
 import shutil
@@ -27,6 +28,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxalign import sharding as shd
+from jaxalign.data import tokenizer as tokenizer_lib
+from jaxalign.mesh import make_mesh
 from jaxalign.models import hf_config, hf_tokenizer, hf_weights
 from jaxalign.models.transformer import Transformer, TransformerConfig
 
@@ -64,8 +67,6 @@ def load_config(path: str, *, param_dtype: str = "float32",
 
 def default_mesh() -> Mesh:
     """A one-device mesh with the standard ``(data, fsdp, tensor)`` axes."""
-    from jaxalign.mesh import make_mesh
-
     return make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
 
 
@@ -211,12 +212,10 @@ def load_tokenizer(path: str, *, vocab_size: int | None = None) -> Tokenizer:
         ``tokenizer_config.json`` for the chat template).
       vocab_size: if given, the model's vocabulary size the tokenizer must fit.
     """
-    from jaxalign.data.tokenizer import load_tokenizer as _load
-
     if vocab_size is None:
         vocab_size = load_config(path).vocab_size
     check_tokenizer_fits(path, vocab_size)
-    return _load(path)
+    return tokenizer_lib.load_tokenizer(path)
 
 
 # -- export --------------------------------------------------------------------
@@ -353,9 +352,7 @@ def _write_tokenizer(spec: str, out: str, carried: dict[str, Any]) -> list[str]:
         "add_prefix_space": bool(model.normalizer_spec.add_dummy_prefix),
         "model_max_length": 1_000_000_000,
     }
-    from jaxalign.data.tokenizer import load_tokenizer as _load
-
-    template = getattr(_load(spec), "chat_template", None)
+    template = getattr(tokenizer_lib.load_tokenizer(spec), "chat_template", None)
     if template:
         tok_config["chat_template"] = template
     with open(os.path.join(out, "tokenizer_config.json"), "w", encoding="utf-8") as f:
@@ -368,10 +365,6 @@ def _sentencepiece_proto(spec: str) -> bytes:
     if not spec.startswith("builtin:"):
         with open(spec, "rb") as f:
             return f.read()
-    import importlib.resources
-
-    from jaxalign.data import tokenizer as tokenizer_lib
-
     name = spec[len("builtin:"):]
     filename = getattr(tokenizer_lib, "BUILTIN_TOKENIZERS", {}).get(name, f"{name}.model")
     return importlib.resources.files("jaxalign.data").joinpath("assets", filename).read_bytes()
