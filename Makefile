@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/pipeline
 
-.PHONY: demo test test-fast notebooks lint clean
+.PHONY: demo test test-fast notebooks lint docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ notebooks: $(VENV)/.installed-dev
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .
+
+docs: $(VENV)/.installed
+	$(PY) -m launch.config_doc
 
 clean:
 	rm -rf runs .pytest_cache

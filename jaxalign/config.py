@@ -82,6 +82,20 @@ _SHAPE = dict(vocab_size="token ids the embedding and output layer cover",
               head_dim="width of one attention head", mlp_dim="hidden width of the MLP")
 
 
+def sampling_keys(temperature_note: str = "") -> dict[str, tuple[Any, str]]:
+    """The sampler's keys and the reward spec, with defaults and meanings, for the sections
+    that sample and score completions (``rl``, ``rejection``)."""
+    return dict(
+        max_new_tokens=(16, "longest completion, in tokens"),
+        temperature=(1.0, "sampling temperature" + temperature_note),
+        top_k=(0, "sample among the k likeliest tokens; 0 = all"),
+        top_p=(1.0, "nucleus sampling: the smallest set of tokens with this much mass; "
+               "1 = all"),
+        rewards=("exact_answer", "\"name[:weight],...\" of reward functions "
+                 "(jaxalign.rewards); rm:<RM workdir> for a reward model"),
+    )
+
+
 def model_config(preset: str) -> ml_collections.ConfigDict:
     """Model section: a preset's shape plus every numerics option with its default.
 

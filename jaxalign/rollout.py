@@ -30,7 +30,7 @@ import numpy as np
 from jaxalign import losses, policy, rewards, sampling
 from jaxalign import sharding as shd
 from jaxalign.algos.base import Loader, RunContext
-from jaxalign.config import section
+from jaxalign.config import sampling_keys, section
 from jaxalign.data.loader import DataSettings
 from jaxalign.data.loader import Loader as DataLoader
 from jaxalign.models import lora
@@ -387,14 +387,7 @@ def rl_config(**overrides: Any):
         "rl", "Rollouts of the online RL stages: sampling, rewards, the KL penalty and how "
         "often each rollout is reused (jaxalign.rollout).",
         num_samples=(8, "G completions sampled per prompt (one group)"),
-        max_new_tokens=(16, "longest completion, in tokens"),
-        temperature=(1.0, "sampling temperature (log-probs are those of logits / "
-                     "temperature)"),
-        top_k=(0, "sample among the k likeliest tokens; 0 = all"),
-        top_p=(1.0, "nucleus sampling: the smallest set of tokens with this much mass; "
-               "1 = all"),
-        rewards=("exact_answer", "\"name[:weight],...\" of reward functions "
-                 "(jaxalign.rewards); rm:<RM workdir> for a reward model"),
+        **sampling_keys(" (log-probs are those of logits / temperature)"),
         overlong_buffer=(0, "overlong_penalty's soft zone in tokens (0 = max_new_tokens // "
                          "4)"),
         kl_coef=(0.0, "β of the per-token KL penalty toward the initial policy; 0 drops the "

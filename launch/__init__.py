@@ -8,16 +8,25 @@ like the default, unknown keys are errors, the config is locked).
 
 from __future__ import annotations
 
-from absl import flags
+from absl import app, flags, logging
 from ml_collections import config_flags
+
+from jaxalign.config import load_config_file
+
+
+def start(argv: list[str], *, quiet: bool = True) -> None:
+    """Refuses stray positional arguments; with ``quiet``, library INFO logs (Orbax, XLA),
+    which drown the progress lines, are off unless ``--verbosity`` is given."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if quiet and not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
 
 
 class _ConfigFileParser(flags.ArgumentParser):
     """Loads ``--config`` with the library's loader; a bad file or preset is a flag error."""
 
     def parse(self, argument: str):
-        from jaxalign.config import load_config_file  # keeps `import launch` light
-
         try:
             return load_config_file(argument)
         except FileNotFoundError as e:  # absl reports ValueErrors as flag errors

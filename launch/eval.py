@@ -14,10 +14,10 @@ exits with status 1.
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from jaxalign.evals import report as eval_report
-from launch import config_flag
+from launch import config_flag, start
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "evals.py") + ":default"
@@ -37,12 +37,9 @@ _GATE = flags.DEFINE_multi_string("gate", [], "Extra gate metric:direction[:tole
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    start(argv)
     if (_WORKDIR.value is None) == (_HF.value is None):
         raise app.UsageError("give exactly one of --workdir and --hf")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
     candidate = _WORKDIR.value or f"hf:{_HF.value}"
     out = _OUT.value or os.path.join(_WORKDIR.value or _HF.value, "eval")
     report = eval_report.evaluate(_CONFIG.value.to_dict(), candidate, baseline=_BASELINE.value,

@@ -7,9 +7,10 @@ vLLM and llama.cpp's converter load the result.
 
 import re
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from jaxalign.models.export import export_workdir
+from launch import start
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json + checkpoints/).")
 _OUT = flags.DEFINE_string("out", None, "Output directory for the Hugging Face checkpoint.")
@@ -33,10 +34,7 @@ def parse_size(text: str) -> int:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    start(argv)
     files = export_workdir(_WORKDIR.value, _OUT.value, dtype=_DTYPE.value, step=_STEP.value,
                            max_shard_bytes=parse_size(_MAX_SHARD.value))
     print(f"wrote {_OUT.value}: {', '.join(files)}")

@@ -9,10 +9,10 @@ Prints the final before/after table and writes ``WORKDIR/report.md`` and
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from jaxalign.jobs.pipeline import GateFailed, Pipeline, render_table
-from launch import config_flag
+from launch import config_flag, start
 
 _CONFIG = config_flag("Pipeline config file[:preset].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Root directory; stage i runs in "
@@ -22,10 +22,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    start(argv)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     pipeline = Pipeline(_CONFIG.value.to_dict(), _WORKDIR.value, repo_dir=repo)
     try:

@@ -8,6 +8,7 @@ throughput, ...) with the runs overlaid, labelled by their workdir basenames.
 from absl import app, flags
 
 from jaxalign.plots import default_out, plot_runs
+from launch import start
 
 _WORKDIR = flags.DEFINE_multi_string("workdir", None, "Run directory; repeat to compare runs.")
 _OUT = flags.DEFINE_string("out", None, "Output directory for the PNGs.")
@@ -15,8 +16,7 @@ flags.mark_flag_as_required("workdir")
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    start(argv, quiet=False)
     out = _OUT.value or default_out(_WORKDIR.value)
     for path in plot_runs(_WORKDIR.value, out):
         print(path)

@@ -16,12 +16,12 @@ import os
 import sys
 
 import jax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from jaxalign.config import apply_overrides
 from jaxalign.jobs import sweep
-from launch import config_flag
+from launch import config_flag, start
 
 _CONFIG = config_flag("Stage config file[:preset].")
 _SWEEP = flags.DEFINE_string("sweep", None, "Sweep name passed to the config's get_sweep.")
@@ -32,10 +32,7 @@ flags.mark_flags_as_required(["config", "sweep", "workdir"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    start(argv)
     config_arg = config_flags.get_config_filename(flags.FLAGS["config"])
     base = config_flags.get_override_values(flags.FLAGS["config"])
     runs = sweep.load_sweep(config_arg, _SWEEP.value)

@@ -3,10 +3,10 @@
 Override any config value with ``--config.<key>=<value>``; unknown keys are errors.
 """
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from jaxalign.jobs import run_stage
-from launch import config_flag
+from launch import config_flag, start
 
 _CONFIG = config_flag("Stage config file[:preset].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config, metrics, checkpoints).")
@@ -14,11 +14,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        # Library INFO logs (Orbax, XLA) drown the progress lines; --verbosity=0 brings them back.
-        logging.set_verbosity(logging.WARNING)
+    start(argv)
     # A training stage goes to jaxalign.train.train; a job (rejection rounds) runs itself.
     summary = run_stage(_CONFIG.value, _WORKDIR.value)
     if summary["preempted"]:

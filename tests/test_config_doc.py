@@ -10,8 +10,8 @@ import ml_collections
 import pytest
 
 from jaxalign import config as config_lib
+from jaxalign import config_reference
 from jaxalign.config import apply_overrides, base_config, load_config_file
-from launch import config_doc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_reference_is_current():
     with open(os.path.join(ROOT, "docs", "config.md"), encoding="utf-8") as f:
         checked_in = f.read()
-    assert checked_in == config_doc.render(), (
+    assert checked_in == config_reference.render(), (
         "docs/config.md is stale: regenerate it with `python -m launch.config_doc`")
 
 

@@ -35,23 +35,6 @@ def greedy_generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *,
     return [s.ids[:-1] if s.stopped else s.ids for (s,) in groups]
 
 
-def task_accuracy(model: nnx.Module, tokenizer: Any, template: Any,
-                  records: Sequence[dict], *, max_new_tokens: int = 12) -> dict[str, float]:
-    """Greedy pass@1: the decoded answer equals the record's ``answer`` (stripped)."""
-    prompts = [template.encode_prompt([{"role": "user", "content": r["prompt"]}])
-               for r in records]
-    outs = greedy_generate(model, prompts, max_new_tokens=max_new_tokens,
-                           eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id or 0)
-    hits = [tokenizer.decode(o).strip() == str(r["answer"]).strip()
-            for o, r in zip(outs, records, strict=True)]
-    per_task: dict[str, list[bool]] = {}
-    for r, h in zip(records, hits, strict=True):
-        per_task.setdefault(r.get("task", "all"), []).append(h)
-    result = {"task_accuracy": float(np.mean(hits)), "task_count": float(len(hits))}
-    result.update({f"task_accuracy/{t}": float(np.mean(v)) for t, v in sorted(per_task.items())})
-    return result
-
-
 def make_prompt_evaluator(ctx: RunContext) -> Callable[[Any], dict[str, float]]:
     """``evaluate(params) -> metrics`` for a run whose eval split holds prompts.
 
@@ -63,7 +46,7 @@ def make_prompt_evaluator(ctx: RunContext) -> Callable[[Any], dict[str, float]]:
     eos = tok.eos_id
     cfg = sampling.SamplingConfig(max_new_tokens=config.rl.max_new_tokens, temperature=0.0,
                                   stop_tokens=(eos,), pad_id=tok.pad_id or 0)
-    scorer = ctx.shared("rewards", lambda: rollout.make_rewards(ctx))
+    scorer = rollout.make_rewards(ctx)  # shared with the rollout: one reward model
     key = jax.random.PRNGKey(0)
 
     def evaluate(params) -> dict[str, float]:

@@ -51,7 +51,7 @@ from ml_collections import config_dict
 
 from jaxalign import policy, rewards, sampling
 from jaxalign import sharding as shd
-from jaxalign.config import section, to_json
+from jaxalign.config import sampling_keys, section, to_json
 from jaxalign.data.encode import Encoder
 from jaxalign.data.records import Location, OverlongError, RecordError
 from jaxalign.data.sources import open_source
@@ -90,12 +90,7 @@ def rejection_config(**overrides: Any) -> ml_collections.ConfigDict:
         prompts_split=("rl", "split of the prompt source"),
         prompts_per_round=(0, "0 = every prompt; else a fresh random subset each round"),
         num_samples=(8, "n completions sampled per prompt"),
-        max_new_tokens=(16, "longest completion, in tokens"),
-        temperature=(1.0, "sampling temperature"),
-        top_k=(0, "sample among the k likeliest tokens; 0 = all"),
-        top_p=(1.0, "nucleus sampling mass; 1 = all"),
-        rewards=("exact_answer", "\"name[:weight],...\" of reward functions "
-                 "(jaxalign.rewards); rm:<RM workdir> for a reward model"),
+        **sampling_keys(),
         select=("best", "best: the `keep` best per prompt | threshold: all >= threshold"),
         keep=(1, "completions kept per prompt with select=best"),
         threshold=(config_dict.placeholder(float), "score floor for a kept completion; "
