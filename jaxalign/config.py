@@ -194,9 +194,18 @@ def data_config() -> ml_collections.ConfigDict:
                   "truncate_right | drop; counted"),
         on_bad_record=("error", "malformed records: error | skip (counted and logged by "
                        "reason)"),
-        pack=(False, "SFT: best-fit-decreasing packing of several records per row"),
+        pack=(False, "best-fit-decreasing packing of several records per row: SFT and KTO "
+              "sequences, preference pairs on both sides at once (not prompt batches)"),
         pack_window=(512, "records per packing window"),
         num_workers=(0, "grain worker processes (0 = in the calling process)"),
+        buckets=("pow2", "widths a batch is cut to (the smallest that holds its longest "
+                 "row; prompt batches: over prompt ids); the step compiles once per "
+                 "width: pow2 (16, 32, 64, ...) | pow2:<floor> | <n> (multiples of n) | "
+                 "comma list (64,128,256) | max_len (off: full width); the full width is "
+                 "always the last"),
+        group_by_length=(0, "sort windows of this many batches by length, then shuffle the "
+                         "batch order (less padding, a seeded, resumable order); 0 = off; "
+                         "not with pack"),
     )
 
 
@@ -534,6 +543,7 @@ _INT_MIN = {"train.steps": 1, "train.batch_size": 1, "train.micro_batches": 1,
             "train.log_every": 1, "train.eval_every": 1, "train.eval_batches": 0,
             "data.max_len": 1, "data.max_prompt_len": 0, "data.eval_batch_size": 1,
             "data.pack_window": 1, "data.num_workers": 0, "data.seed": 0,
+            "data.group_by_length": 0,
             "checkpoint.save_every": 1, "checkpoint.keep": 0, "optim.warmup_steps": 0,
             **{f"model.{k}": 1 for k in MODEL_PRESETS["tiny"]}}
 # Non-negative numbers (an infinite learning rate stays possible, for NaN-guard tests).

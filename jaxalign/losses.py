@@ -214,6 +214,77 @@ def bradley_terry_loss(chosen_rewards_b: jax.Array, rejected_rewards_b: jax.Arra
     return losses
 
 
+# --- packed rows: per-segment reductions (axis letter ``p``: a row's segment slots) ----
+# Slot ``k`` of row ``b`` is segment ``k + 1`` of that row; segment 0 is padding.
+
+def _per_segment(op: Callable, x_bt: jax.Array, segment_ids_bt: jax.Array,
+                 num_segments: int) -> jax.Array:
+    def row(x_t, s_t):
+        return op(x_t, s_t, num_segments=num_segments + 1)[1:]
+    return jax.vmap(row)(x_bt, segment_ids_bt)
+
+
+def segment_sums(x_bt: jax.Array, segment_ids_bt: jax.Array, num_segments: int) -> jax.Array:
+    """``[b, p]`` sums of ``x_bt`` over each segment of each row (0 for absent segments).
+
+    With ``num_segments == 1`` (one example per row) this is the plain row sum over the
+    non-padding positions, the same reduction as an unpacked ``jnp.sum(x, -1)``.
+    """
+    if num_segments == 1:
+        return jnp.sum(jnp.where(segment_ids_bt == 1, x_bt, 0), axis=-1, keepdims=True)
+    return _per_segment(jax.ops.segment_sum, x_bt, segment_ids_bt, num_segments)
+
+
+def segment_min(x_bt: jax.Array, segment_ids_bt: jax.Array, num_segments: int,
+                empty: int) -> jax.Array:
+    """``[b, p]`` minimum of integer ``x_bt`` over each segment; ``empty`` where absent."""
+    out = _per_segment(jax.ops.segment_min, x_bt, segment_ids_bt, num_segments)
+    return jnp.minimum(out, empty)
+
+
+def segment_last_index(segment_ids_bt: jax.Array, num_segments: int) -> jax.Array:
+    """``[b, p]`` position of each segment's last position (0 for absent segments)."""
+    pos_bt = jnp.broadcast_to(jnp.arange(segment_ids_bt.shape[1]), segment_ids_bt.shape)
+    last = _per_segment(jax.ops.segment_max, pos_bt, segment_ids_bt, num_segments)
+    return jnp.maximum(last, 0)
+
+
+def masked_dpo_loss(chosen_logps: jax.Array, rejected_logps: jax.Array,
+                    ref_chosen_logps: jax.Array, ref_rejected_logps: jax.Array,
+                    valid: jax.Array, *, loss_type: str, **kwargs
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`dpo_loss` over pair slots of which only ``valid`` ones hold pairs.
+
+    Elementwise loss types are :func:`dpo_loss` itself (the caller masks). ``aot`` and
+    ``aot_unpaired`` sort over the batch axis: here padding slots are pushed past every
+    real pair in both sorts, so the real pairs are matched among themselves, and each
+    slot gets the loss of its rank — the real slots' losses sum to the real pairs' sorted
+    losses whatever the padding.
+    """
+    if loss_type not in ("aot", "aot_unpaired"):
+        return dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                        loss_type=loss_type, **kwargs)
+    _, c_rew, r_rew = dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps,
+                               ref_rejected_logps, loss_type=loss_type, **kwargs)
+    real = valid > 0
+    big = 1e9  # above any real log-prob difference; big - big = 0 keeps the padding finite
+
+    def pad(x, fill):
+        return jnp.where(real, x, fill)
+
+    if loss_type == "aot":  # sorts chosen - rejected and ref_chosen - ref_rejected
+        c, r = pad(chosen_logps, big), pad(rejected_logps, 0.0)
+        rc, rr = pad(ref_chosen_logps, big), pad(ref_rejected_logps, 0.0)
+        key = c - r
+    else:  # sorts chosen - ref_chosen and rejected - ref_rejected
+        c, r = pad(chosen_logps, big), pad(rejected_logps, big)
+        rc, rr = pad(ref_chosen_logps, 0.0), pad(ref_rejected_logps, 0.0)
+        key = c - rc
+    sorted_losses, _, _ = dpo_loss(c, r, rc, rr, loss_type=loss_type, **kwargs)
+    rank = jnp.argsort(jnp.argsort(key, stable=True), stable=True)
+    return sorted_losses[rank], c_rew, r_rew
+
+
 # --- online RL: advantages, policy/value objectives, KL estimators -------------------
 
 KL_ESTIMATORS = ("k1", "k2", "k3")

@@ -348,8 +348,9 @@ class Progress:
             print(text, file=self.stream, flush=True)
 
 
-def peak_flops_probe(n: int = 1024, repeats: int = 3) -> float:
-    """Best-of-``repeats`` f32 matmul FLOP/s on one device (the MFU denominator on CPU)."""
+def peak_flops_probe(n: int = 2048, repeats: int = 3) -> float:
+    """Best-of-``repeats`` f32 ``n``³ matmul FLOP/s on one device (the MFU denominator on
+    CPU; a smaller product underestimates the peak)."""
     a = jnp.ones((n, n), jnp.float32)
     mm = jax.jit(lambda x: x @ x)
     mm(a).block_until_ready()
@@ -362,29 +363,43 @@ def peak_flops_probe(n: int = 1024, repeats: int = 3) -> float:
 
 
 class Throughput:
-    """Tokens/s and MFU between two logged steps (host wall time)."""
+    """Tokens/s, padded positions/s and MFU between two logged steps (host wall time).
 
-    def __init__(self, flops_per_token: float, peak_flops: float):
+    ``tokens_per_s`` counts the non-padding tokens of the batches (prompt and
+    completion, every packed segment); ``positions_per_s`` counts every position the
+    model processed, padding included; ``mfu`` is the model FLOPs of the non-padding
+    tokens (``flops_per_token(width)`` each, the batch's padded width as the attention
+    length) per second over ``peak_flops``.
+    """
+
+    def __init__(self, flops_per_token: Any, peak_flops: float):
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
         self._t = time.perf_counter()
-        self._tokens = 0.0
+        self._tokens = self._positions = self._flops = 0.0
 
-    def add_tokens(self, n: float) -> None:
-        self._tokens += n
+    def add(self, tokens: float, positions: float, width: int) -> None:
+        """Books one batch: its non-padding tokens, all its positions, its row width."""
+        self._tokens += tokens
+        self._positions += positions
+        self._flops += tokens * self.flops_per_token(width)
 
     def reset(self) -> None:
         self._t = time.perf_counter()
-        self._tokens = 0.0
+        self._tokens = self._positions = self._flops = 0.0
+
+    def exclude(self, seconds: float) -> None:
+        """Leaves ``seconds`` (a compilation) out of the current window."""
+        self._t += seconds
 
     def read(self) -> dict[str, float]:
         now = time.perf_counter()
         dt = max(now - self._t, 1e-9)
-        tps = self._tokens / dt
-        out = {"tokens_per_s": tps}
+        out = {"tokens_per_s": self._tokens / dt, "positions_per_s": self._positions / dt}
         if self.peak_flops > 0:
-            out["mfu"] = tps * self.flops_per_token / self.peak_flops
-        self._t, self._tokens = now, 0.0
+            out["mfu"] = self._flops / dt / self.peak_flops
+        self._t = now
+        self._tokens = self._positions = self._flops = 0.0
         return out
 
 

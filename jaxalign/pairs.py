@@ -1,4 +1,26 @@
-"""Helpers shared by the pairwise stages (reward model, DPO family)."""
+"""Helpers shared by the pairwise stages (reward model, DPO family) and KTO.
+
+Packed preference batches (``data.pack``) keep the unpacked keys and shapes: chosen rows
+``chosen_*_bt`` and rejected rows ``rejected_*_bt``, ``[b, t]`` each, with *matching
+segment layouts* — segment ``k`` of row ``r`` holds pair ``k`` of that row on both
+sides (its prompt + chosen completion on the chosen side, its prompt + rejected
+completion on the rejected side, positions restarting at 0 per segment). The packer
+fits each pair's two lengths into the same row of both sides (two-dimensional
+best-fit decreasing). So
+
+* every pair that fits unpacked fits packed (each side only needs ``max_len``), and the
+  overlong rules and batch shapes stay those of unpadded rows;
+* no pair-index arrays are needed: a pair is ``(row, segment)`` on both sides, and the
+  micro-batch split (by rows) keeps every pair whole;
+* both sides still run as one ``[2b, t]`` forward (:func:`stacked`).
+
+Per-pair quantities are computed inside the loss as ``[b, p]`` arrays (letter ``p``: a
+row's segment slots, slot ``k`` = segment ``k + 1``) by per-segment sums
+(:func:`jaxalign.losses.segment_sums`). The number of slots is static: ``p = t``
+packed (every segment holds at least one position, so a row never has more than
+``t``), ``p = 1`` unpacked. Empty slots are masked by :func:`slot_valid`, and the
+loss normaliser counts the real pairs of the whole global batch, as unpacked.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +29,43 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
+from jaxalign import losses
 from jaxalign.data.loader import build_loader
 from jaxalign.step import Batch
 
 FIELDS = ("inputs_bt", "targets_bt", "loss_mask_bt", "segment_ids_bt", "positions_bt")
 
 
+def packed(config: Any) -> bool:
+    """Whether ``config.data.pack`` asks for packed batches (False without a data section)."""
+    data = config.get("data") if hasattr(config, "get") else None
+    return bool(data is not None and data.get("pack", False))
+
+
+def num_slots(seq_len: int, is_packed: bool) -> int:
+    """Segment slots per row ``p``: ``seq_len`` packed (a segment has >= 1 position), else 1."""
+    return seq_len if is_packed else 1
+
+
 def pair_valid(batch: Batch) -> jax.Array:
-    """1.0 for real pairs, 0.0 for padding rows (no chosen completion tokens)."""
+    """1.0 for real pairs, 0.0 for padding rows (no chosen completion tokens); unpacked."""
     return (jnp.sum(batch["chosen_loss_mask_bt"], axis=-1) > 0).astype(jnp.float32)
+
+
+def slot_valid(loss_mask_bt: jax.Array, segment_ids_bt: jax.Array,
+               num_segments: int) -> jax.Array:
+    """``[b, p]`` 1.0 for the slots whose segment has loss-bearing tokens, else 0.0."""
+    counts_bp = losses.segment_sums(loss_mask_bt.astype(jnp.float32), segment_ids_bt,
+                                    num_segments)
+    return (counts_bp > 0).astype(jnp.float32)
+
+
+def pair_slots_valid(batch: Batch, num_segments: int) -> jax.Array:
+    """``[b, p]`` real pairs of a preference batch (chosen completion tokens in the slot)."""
+    return slot_valid(batch["chosen_loss_mask_bt"], batch["chosen_segment_ids_bt"],
+                      num_segments)
 
 
 def stacked(batch: Batch) -> dict[str, jax.Array]:
@@ -31,6 +80,17 @@ def halves(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return x[:b], x[b:]
 
 
+def segment_logps(model: nnx.Module, seq: Mapping[str, jax.Array], num_segments: int
+                  ) -> tuple[jax.Array, jax.Array]:
+    """``[b, p]`` summed loss-bearing log-probs and loss-bearing lengths of each segment."""
+    h_btd = model.hidden(seq["inputs_bt"], seq["positions_bt"], seq["segment_ids_bt"])
+    mask_bt = seq["loss_mask_bt"].astype(jnp.float32)
+    logps_bt = model.token_stats(h_btd, seq["targets_bt"])["logps_bt"] * mask_bt
+    seg = seq["segment_ids_bt"]
+    return (losses.segment_sums(logps_bt, seg, num_segments),
+            losses.segment_sums(mask_bt, seg, num_segments))
+
+
 def mean_pair(x_b: jax.Array, valid_b: jax.Array) -> tuple[jax.Array, jax.Array]:
     """A (sum, count) metric over real pairs."""
     return jnp.sum(x_b * valid_b), jnp.sum(valid_b)
@@ -41,8 +101,3 @@ def build_data(config: Any, tokenizer: Any, split: str, *, process_index: int,
     """Preference pairs (prompt + chosen, prompt + rejected) for this process."""
     return build_loader(config, tokenizer, split, "preference", process_index=process_index,
                         process_count=process_count)
-
-
-def tokens_per_batch(batch: Mapping[str, Any]) -> int:
-    """Positions of both sides (padding included: it costs FLOPs too)."""
-    return int(batch["chosen_inputs_bt"].size + batch["rejected_inputs_bt"].size)

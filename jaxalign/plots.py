@@ -23,7 +23,8 @@ _GROUPS: tuple[tuple[str, Callable[[str], bool]], ...] = (
                                                        "score", "win_rate"))),
     ("logprobs", lambda k: "logp" in k or "logit" in k),
     ("learning_rate", lambda k: k == "learning_rate"),
-    ("throughput", lambda k: k in ("tokens_per_s", "mfu") or k.startswith("time")),
+    ("throughput", lambda k: k in ("tokens_per_s", "positions_per_s", "mfu")
+     or k.startswith("time")),
     ("optimization", lambda k: k.endswith("_norm") or k.startswith("nonfinite")),
     ("data", lambda k: k.startswith("data_")),
 )

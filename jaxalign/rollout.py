@@ -172,40 +172,6 @@ class Rollout:
     def load_state(self, state: Mapping[str, Any]) -> None:
         self.host_state = dict(state)
 
-    def batch_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        """Shapes of one training batch (for ahead-of-time compilation)."""
-        config = self.ctx.config
-        rows = config.train.batch_size
-        width = config.data.max_prompt_len or config.data.max_len
-        t = width + self.rl.max_new_tokens
-        spec = {k: ((rows, t), np.dtype(np.float32 if k == "loss_mask_bt" else np.int32))
-                for k in SEQ_KEYS}
-        spec["sampler_logps_bt"] = ((rows, t), np.dtype(np.float32))
-        spec["weight_b"] = spec["stopped_b"] = ((rows,), np.dtype(np.float32))
-        spec.update(self._extra_spec(rows, t))
-        return spec
-
-    def _extra_spec(self, rows: int, t: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        # The stage's columns are found by running its hook on a dummy batch once.
-        if not hasattr(self, "_extra_shapes"):
-            dummy = {k: np.zeros((rows, t), np.float32) for k in SEQ_KEYS}
-            dummy["weight_b"] = np.ones((rows,), np.float32)
-            dummy["stopped_b"] = np.ones((rows,), np.float32)
-            for k in ("ref_logps_bt", "old_logps_bt", "old_values_bt", "sampler_logps_bt"):
-                dummy[k] = np.zeros((rows, t), np.float32)
-            saved = self.state()
-            cols, _ = self.advantages(dummy, np.zeros(rows, np.float32))
-            self.load_state(saved)  # the dry run must not move host state
-            self._extra_shapes = {k: (v.shape, v.dtype) for k, v in cols.items()}
-        spec = dict(self._extra_shapes)
-        if self.has_reference:
-            spec["ref_logps_bt"] = ((rows, t), np.dtype(np.float32))
-        if self.reuse:
-            spec["old_logps_bt"] = ((rows, t), np.dtype(np.float32))
-        if self.value_fn is not None:
-            spec["old_values_bt"] = ((rows, t), np.dtype(np.float32))
-        return spec
-
     def __call__(self, state: Mapping[str, Any], host: Mapping[str, Any], step: int
                  ) -> list[tuple[dict[str, jax.Array], dict[str, float]]]:
         """The training batches (and host metrics) of one rollout started at ``step``."""
@@ -323,9 +289,6 @@ class RolloutBatches:
         self._queue: list[tuple[dict[str, jax.Array], dict[str, float]]] = []
         self._state = self.prompts.get_state()
         self._t0 = 0.0
-
-    def batch_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        return self.rollout.batch_spec()
 
     def next(self, state: Mapping[str, Any], step: int):
         if not self._queue:

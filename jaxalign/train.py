@@ -26,6 +26,7 @@ from jaxalign import step as step_lib
 from jaxalign.algos.base import BatchSource, Loader, RunContext
 from jaxalign.checkpoint import Checkpointer, abstract_with_shardings
 from jaxalign.config import check_config, to_json
+from jaxalign.data import packing
 from jaxalign.data.tokenizer import check_vocab, load_tokenizer
 from jaxalign.mesh import barrier, make_mesh, maybe_initialize_distributed
 from jaxalign.metrics import (
@@ -149,6 +150,11 @@ def state_layout(config: ml_collections.ConfigDict, model_cfg: TransformerConfig
     return model_def, abstract_state, shardings, init_fn
 
 
+def _width(batch: Mapping[str, Any]) -> int:
+    """The padded row width of a batch (its widest ``[rows, positions]`` array)."""
+    return max((v.shape[1] for v in batch.values() if getattr(v, "ndim", 0) == 2), default=0)
+
+
 def device_fields(host: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """The array fields of a host batch (prompt batches also carry host-only ``extras``)."""
     return {k: v for k, v in host.items() if isinstance(v, np.ndarray)}
@@ -163,15 +169,7 @@ class LoaderBatches:
 
     def __init__(self, loader: Loader, columns: PrecomputedColumns | None, mesh: Mesh):
         self.iterator = loader.iterator()
-        self._spec = loader.batch_spec()
         self.columns, self.mesh = columns, mesh
-
-    def batch_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
-        spec = dict(self._spec)
-        if self.columns is not None:
-            rows = next(iter(spec.values()))[0][0]
-            spec.update({k: ((rows,), np.dtype(np.float32)) for k in self.columns.train})
-        return spec
 
     def next(self, state: Mapping[str, Any], step: int):
         del state
@@ -300,6 +298,7 @@ class Trainer:
         frozen_sh = {name: params_sh for name in self.frozen}
         common = dict(model_def=self.model_def, mesh=self.mesh, rules=self.rules,
                       frozen_defs=frozen_defs, policy_frozen=shared)
+        self._executables: dict[tuple, Any] = {}
         self.train_step = jax.jit(
             step_lib.make_train_step(loss_fn, loss_weights, tx=self.tx, schedule=self.schedule,
                                      num_micro=self.config.train.micro_batches, **common),
@@ -446,19 +445,27 @@ class Trainer:
         n = model_cfg.matmul_params()
         progress.line(
             f"model: {n:,} matmul params; FLOPs/token = 6*N_matmul + 6*L*T*D = 6*{n} + "
-            f"6*{model_cfg.n_layers}*{seq_len}*{model_cfg.d_model} = {flops_tok:.3e}; "
-            f"peak {peak:.3e} FLOP/s ({peak_src})")
+            f"6*{model_cfg.n_layers}*T*{model_cfg.d_model} ({flops_tok:.3e} at T = "
+            f"max_len {seq_len}; T = each batch's padded width); peak {peak:.3e} FLOP/s "
+            f"({peak_src}). tokens_per_s and mfu count non-padding tokens only, "
+            "positions_per_s every padded position")
         progress.line(f"mesh {dict(self.mesh.shape)} on {jax.device_count()} "
                       f"{jax.devices()[0].platform} devices; starting at step {start}")
-        return StepLog(writer, progress, Throughput(flops_tok, peak), start=start,
+        return StepLog(writer, progress, Throughput(model_cfg.flops_per_token, peak), start=start,
                        total=cfg.train.steps, check=self._check_nonfinite)
 
     def _log_step(self, log: StepLog, done: int, stop: int, metrics: Any,
-                  host_metrics: dict[str, float], tokens: int, flush_now: bool) -> None:
+                  host_metrics: dict[str, float], host: Mapping[str, Any],
+                  flush_now: bool) -> None:
         """Books one step: the previous row is read now, this one is held (or read at
         once when an eval, a checkpoint or the end follows)."""
         log.flush()
-        log.throughput.add_tokens(tokens * jax.process_count())
+        real, positions = packing.real_tokens(host)
+        # A loader's host batch is this process's share (the others' are alike in size);
+        # a rollout's is already the global batch.
+        local = bool(device_fields(host))
+        share = jax.process_count() if local else 1
+        log.throughput.add(real * share, positions * share, _width(host))
         cfg = self.config.train
         if done % cfg.log_every == 0 or done == cfg.steps:
             log.hold(done, metrics, host_metrics, self.batches.metrics())
@@ -481,8 +488,6 @@ class Trainer:
         cfg = self.config.train
         start = int(jax.device_get(self.state["step"]))
         stop = cfg.steps if num_steps is None else min(cfg.steps, start + num_steps)
-        compiled = self._compile()
-        barrier("first_step")
         log = self._start_log(start)
         metrics, preempted = {}, False
         with Preemption(self.mesh) as preemption:
@@ -492,11 +497,11 @@ class Trainer:
                     log.eval(0, self.evaluate())
                 for step in range(start, stop):
                     batch, host, host_metrics = self.batches.next(self.state, step)
-                    self.state, metrics = compiled(self.state, batch, self.frozen)
+                    step_fn = self._executable(batch, log)
+                    self.state, metrics = step_fn(self.state, batch, self.frozen)
                     host_metrics = self.batches.after_update(metrics, host_metrics)
                     done, eval_due = step + 1, self._eval_due(step + 1)
-                    self._log_step(log, done, stop, metrics, host_metrics,
-                                   self.stage.tokens_per_batch(host),
+                    self._log_step(log, done, stop, metrics, host_metrics, host,
                                    eval_due or preemption.signalled)
                     if eval_due:
                         log.eval(done, self.evaluate())
@@ -523,20 +528,26 @@ class Trainer:
         return {"train": log.last_train, "eval": log.last_eval, "nonfinite_skipped": skipped,
                 "preempted": preempted, "wall_s": log.wall_s}
 
-    def _compile(self):
-        abstract_batch = {
-            k: jax.ShapeDtypeStruct((shape[0] * jax.process_count(), *shape[1:]), dtype,
-                                    sharding=shd.batch_sharding(self.mesh, len(shape)))
-            for k, (shape, dtype) in self.batches.batch_spec().items()}
-        t0 = time.perf_counter()
-        compiled = self.train_step.lower(self.state, abstract_batch, self.frozen).compile()
-        msg = f"train_step compiled in {time.perf_counter() - t0:.1f}s"
-        mem = compiled.memory_analysis()
-        if mem is not None:
-            msg += (f"; per-device bytes: arguments {mem.argument_size_in_bytes:,}, "
-                    f"temp {mem.temp_size_in_bytes:,}, output {mem.output_size_in_bytes:,}")
-        Progress(0).line(msg)
-        return compiled
+    def _executable(self, batch: Mapping[str, jax.Array], log: StepLog):
+        """The train step compiled for this batch's shapes: once per shape (length bucket),
+        its compile time and memory logged once and left out of the throughput."""
+        key = tuple(sorted((k, v.shape) for k, v in batch.items()))
+        if key not in self._executables:
+            t0 = time.perf_counter()
+            compiled = self.train_step.lower(self.state, batch, self.frozen).compile()
+            rows = next(iter(batch.values())).shape[0]
+            msg = (f"train_step compiled for {rows} rows x {_width(batch)} positions in "
+                   f"{time.perf_counter() - t0:.1f}s")
+            mem = compiled.memory_analysis()
+            if mem is not None:
+                msg += (f"; per-device bytes: arguments {mem.argument_size_in_bytes:,}, "
+                        f"temp {mem.temp_size_in_bytes:,}, output {mem.output_size_in_bytes:,}")
+            log.progress.line(msg)
+            # Processes compile at their own pace; meet before the step's collectives.
+            barrier(f"compiled_{len(self._executables)}")
+            self._executables[key] = compiled
+            log.throughput.exclude(time.perf_counter() - t0)
+        return self._executables[key]
 
     def close(self) -> None:
         self.batches.close()

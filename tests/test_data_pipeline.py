@@ -181,7 +181,7 @@ def test_packing_efficiency_on_skewed_data(tok, world_train):
     effs = {}
     for pack in (False, True):
         it = _make(tok, world_train, batch_size=16, max_len=160, pack=pack, shuffle=True,
-                   pack_window=512).iterator()
+                   pack_window=512, buckets="max_len").iterator()
         for _ in range(40):
             next(it)
         effs[pack] = it.metrics()["data_packing_efficiency"]
@@ -235,9 +235,9 @@ def test_seed_changes_the_order(tok):
 @pytest.mark.parametrize("process_count", [2, 4])
 def test_processes_split_the_global_batch(tok, process_count):
     records = _small(29)
-    whole = _make(tok, records, batch_size=8, shuffle=True).iterator()
-    parts = [_make(tok, records, p, process_count, batch_size=8, shuffle=True).iterator()
-             for p in range(process_count)]
+    whole = _make(tok, records, batch_size=8, shuffle=True, buckets="max_len").iterator()
+    parts = [_make(tok, records, p, process_count, batch_size=8, shuffle=True,
+                   buckets="max_len").iterator() for p in range(process_count)]
     for _ in range(6):  # crosses epoch boundaries (29 records)
         want = next(whole)
         got = [next(p) for p in parts]
@@ -261,7 +261,7 @@ def test_packed_processes_read_disjoint_shares(tok):
 @pytest.mark.parametrize("process_count, pack", [(1, False), (2, False), (2, True)])
 def test_eval_batches_cover_every_record_once(tok, process_count, pack):
     records = _small(21)
-    parts = [_make(tok, records, p, process_count, batch_size=8, pack=pack)
+    parts = [_make(tok, records, p, process_count, batch_size=8, pack=pack, buckets="max_len")
              for p in range(process_count)]
     batches = [list(p.eval_batches()) for p in parts]
     assert len({len(b) for b in batches}) == 1  # every process runs the same eval steps
@@ -364,8 +364,8 @@ def test_template_errors_are_skipped_and_counted():
 
 
 def test_settings_errors(tok):
-    with pytest.raises(ValueError, match="data.pack applies to SFT batches only"):
-        _make(tok, _small(2), fmt="preference", pack=True)
+    with pytest.raises(ValueError, match="data.pack does not apply to 'prompt' batches"):
+        _make(tok, _small(2), fmt="prompt", pack=True)
     with pytest.raises(ValueError, match="data.overlong must be one of"):
         _make(tok, _small(2), overlong="skip")
     with pytest.raises(ValueError, match="multiple of the process count 3"):

@@ -43,7 +43,7 @@ STAGES = {
               "rl.rewards": "answer_similarity,length_penalty:0.5"}, (3, 5, 9)),
 }
 # Throughput and timing vary from run to run; every other logged number must not.
-_TIMING = ("tokens_per_s", "mfu", "time/", "time_frac/")
+_TIMING = ("tokens_per_s", "positions_per_s", "mfu", "time/", "time_frac/")
 
 
 def _flag(key, value):

@@ -45,16 +45,13 @@ class Loader(Protocol):
 class BatchSource(Protocol):
     """Where the loop's training batches come from: a loader, or an RL stage's rollouts.
 
-    The loop calls ``next`` once per step, then ``after_update`` once the step is
-    queued; it checkpoints only when ``at_boundary`` (a rollout's later minibatches
+    The loop calls ``next`` once per step (the step is compiled once per batch shape:
+    a source may vary the row width, e.g. by length bucket), then ``after_update`` once
+    the step is queued; it checkpoints only when ``at_boundary`` (a rollout's later minibatches
     are in no checkpoint) and saves ``get_state()`` as the data position.
     """
 
     synchronous: bool  # every step waits for the device (RL); metrics are read at once
-
-    def batch_spec(self) -> Spec:
-        """Global-row shapes of one training batch, per process."""
-        ...
 
     def next(self, state: Mapping[str, Any], step: int
              ) -> tuple[dict[str, jax.Array], Metrics, int]:
@@ -155,8 +152,6 @@ class Stage:
       make_loss: ``config -> (loss_fn, loss_weights)`` (see ``jaxalign.step``).
       build_data: ``(config, tokenizer, split, *, process_index, process_count) ->
         Loader`` for ``split`` in ``("train", "eval")``.
-      tokens_per_batch: ``host batch -> int``, the tokens one process's batch counts
-        towards throughput.
       default_config: ``() -> {section name: ConfigDict}``, the sections the stage
         reads beyond the shared ones (its own ``config.<name>``; RL stages also
         ``rl``), with their defaults; ``jaxalign.config.base_config`` adds them.
@@ -177,7 +172,6 @@ class Stage:
     name: str
     make_loss: Callable[[ml_collections.ConfigDict], tuple[Callable, Callable]]
     build_data: Callable[..., Loader]
-    tokens_per_batch: Callable[[Mapping[str, Any]], int]
     default_config: Callable[[], Mapping[str, ml_collections.ConfigDict]] = _no_section
     check_config: Callable[[ml_collections.ConfigDict], None] = _no_config_check
     make_model: type[nnx.Module] = Transformer

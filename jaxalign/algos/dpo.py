@@ -6,10 +6,16 @@ the batch (``ref_chosen_logps_b``/``ref_rejected_logps_b``, precomputed) or
 from a frozen, non-donated reference model run in the step
 (``dpo.reference = "in_step"``). ``simpo`` and ``orpo`` are reference-free.
 ``dpo.rpo_alpha`` > 0 adds RPO's NLL on chosen tokens to any of them.
+
+With ``data.pack`` the batch holds several pairs per row (layout: ``jaxalign.pairs``);
+the losses see per-pair ``[b, p]`` log-probs from per-segment sums, flattened, and give
+the same loss and gradients as the pairs one per row. The precomputed reference stores
+one column per row, so ``data.pack`` with ``dpo.reference=precomputed`` is refused.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,7 +26,7 @@ from flax import nnx
 from jaxalign import losses, pairs
 from jaxalign.algos.base import Stage
 from jaxalign.config import section
-from jaxalign.pairs import halves, mean_pair, pair_valid, stacked
+from jaxalign.pairs import halves, mean_pair, pair_slots_valid, stacked
 from jaxalign.step import Batch, LossOut
 
 REFERENCE_FREE = ("simpo", "orpo")
@@ -45,9 +51,10 @@ def default_config() -> dict[str, Any]:
                    "| precomputed (once, before training, as batch columns)"))}
 
 
-def loss_weights(batch: Batch) -> dict[str, jax.Array]:
+def loss_weights(batch: Batch, is_packed: bool = False) -> dict[str, jax.Array]:
     """Pair losses average over real pairs; NLL terms over chosen completion tokens."""
-    return {"pairs": jnp.sum(pair_valid(batch)),
+    p = pairs.num_slots(batch["chosen_segment_ids_bt"].shape[1], is_packed)
+    return {"pairs": jnp.sum(pair_slots_valid(batch, p)),
             "chosen_tokens": jnp.sum(batch["chosen_loss_mask_bt"].astype(jnp.float32))}
 
 
@@ -76,17 +83,21 @@ def precomputed_columns(config: Any):
 
 def sequence_logps(model: nnx.Module, seq: Mapping[str, jax.Array]
                    ) -> tuple[jax.Array, jax.Array]:
-    """Per-row summed completion log-probs and completion lengths of stacked sequences."""
-    h_btd = model.hidden(seq["inputs_bt"], seq["positions_bt"], seq["segment_ids_bt"])
-    mask_bt = seq["loss_mask_bt"].astype(jnp.float32)
-    logps_bt = model.token_stats(h_btd, seq["targets_bt"])["logps_bt"] * mask_bt
-    return jnp.sum(logps_bt, axis=-1), jnp.sum(mask_bt, axis=-1)
+    """Per-row summed completion log-probs and completion lengths of stacked (unpacked)
+    sequences."""
+    logps_bp, lengths_bp = pairs.segment_logps(model, seq, 1)
+    return logps_bp[:, 0], lengths_bp[:, 0]
 
 
-def reference_logps(ref_model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """The frozen reference's (chosen, rejected) summed log-probs for a batch."""
-    logps_b, _ = sequence_logps(ref_model, stacked(batch))
-    return halves(jax.lax.stop_gradient(logps_b))
+def reference_logps(ref_model: nnx.Module, batch: Batch, num_segments: int | None = None
+                    ) -> tuple[jax.Array, jax.Array]:
+    """The frozen reference's (chosen, rejected) summed log-probs for a batch: per row
+    ``[b]`` by default, per segment slot ``[b, p]`` with ``num_segments``."""
+    logps_bp, _ = pairs.segment_logps(ref_model, stacked(batch), num_segments or 1)
+    chosen, rejected = halves(jax.lax.stop_gradient(logps_bp))
+    if num_segments is None:
+        return chosen[:, 0], rejected[:, 0]
+    return chosen, rejected
 
 
 def check_config(config: Any) -> None:
@@ -98,24 +109,36 @@ def check_config(config: Any) -> None:
         raise ValueError(f"dpo.reference={dpo.reference!r}; expected in_step or precomputed")
     if dpo.beta <= 0:
         raise ValueError(f"dpo.beta={dpo.beta} must be positive")
+    if pairs.packed(config) and uses_reference(config) and dpo.reference == "precomputed":
+        raise ValueError("data.pack=True cannot be combined with dpo.reference='precomputed' "
+                         "(the precomputed reference is stored per row, a packed row holds "
+                         "several pairs); use dpo.reference='in_step' or data.pack=False")
     if dpo.loss_type == "robust" and not 0 <= dpo.label_smoothing < 0.5:
         raise ValueError(f"dpo.label_smoothing={dpo.label_smoothing} must be in [0, 0.5) for "
                          "robust DPO")
 
 
+def _per_pair(model: nnx.Module, batch: Batch, num_segments: int
+              ) -> tuple[jax.Array, ...]:
+    """Flat per-pair ``[b*p]`` (chosen, rejected) log-probs and lengths, and pair validity."""
+    logps_bp, lengths_bp = pairs.segment_logps(model, stacked(batch), num_segments)
+    chosen, rejected = halves(logps_bp)
+    chosen_len, rejected_len = halves(lengths_bp)
+    valid = pair_slots_valid(batch, num_segments)
+    return tuple(x.reshape(-1) for x in (chosen, rejected, chosen_len, rejected_len, valid))
+
+
 def make_loss(config: Any):
-    """``(loss_fn, loss_weights)`` for ``config.dpo``."""
+    """``(loss_fn, loss_weights)`` for ``config.dpo`` (and ``config.data.pack``)."""
     check_config(config)
     dpo = config.dpo
     loss_type, beta = dpo.loss_type, float(dpo.beta)
+    is_packed = pairs.packed(config)
 
     def loss_fn(model: nnx.Module, batch: Batch, frozen: Mapping[str, Any] | None = None
                 ) -> LossOut:
-        seq = stacked(batch)
-        logps_b, lengths_b = sequence_logps(model, seq)
-        chosen, rejected = halves(logps_b)
-        chosen_len, rejected_len = halves(lengths_b)
-        valid = pair_valid(batch)
+        p = pairs.num_slots(batch["chosen_segment_ids_bt"].shape[1], is_packed)
+        chosen, rejected, chosen_len, rejected_len, valid = _per_pair(model, batch, p)
         metrics: dict[str, tuple[jax.Array, jax.Array]] = {}
         terms: dict[str, jax.Array] = {}
         if loss_type == "simpo":
@@ -133,9 +156,10 @@ def make_loss(config: Any):
             if "ref_chosen_logps_b" in batch:
                 ref_c, ref_r = batch["ref_chosen_logps_b"], batch["ref_rejected_logps_b"]
             else:
-                ref_c, ref_r = reference_logps(frozen["reference"], batch)
-            pair_losses, c_rew, r_rew = losses.dpo_loss(
-                chosen, rejected, ref_c, ref_r, loss_type=loss_type, beta=beta,
+                ref_c, ref_r = (x.reshape(-1) for x in
+                                reference_logps(frozen["reference"], batch, p))
+            pair_losses, c_rew, r_rew = losses.masked_dpo_loss(
+                chosen, rejected, ref_c, ref_r, valid, loss_type=loss_type, beta=beta,
                 label_smoothing=dpo.label_smoothing, discopop_tau=dpo.discopop_tau,
                 chosen_lengths=chosen_len, rejected_lengths=rejected_len)
         terms["pairs"] = jnp.sum(pair_losses * valid)
@@ -153,10 +177,10 @@ def make_loss(config: Any):
         })
         return LossOut(terms, metrics)
 
-    return loss_fn, loss_weights
+    return loss_fn, functools.partial(loss_weights, is_packed=is_packed)
 
 
 STAGE = Stage(name="dpo", make_loss=make_loss, build_data=pairs.build_data,
-              tokens_per_batch=pairs.tokens_per_batch, check_config=check_config,
+              check_config=check_config,
               frozen_models=frozen_models, precomputed_columns=precomputed_columns,
               default_config=default_config)

@@ -22,7 +22,6 @@ against the frozen initial policy; 0 drops the reference model altogether.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -56,11 +55,6 @@ def default_config() -> dict[str, Any]:
         dynamic_sampling=(False, "zero-variance groups carry no weight (DAPO)"),
         oversample=(1, "sample k× the prompts, train on the informative groups (DAPO)"),
         entropy_metric=(True, "log the policy's entropy on the completions"))}
-
-
-def tokens_per_batch(batch: Mapping[str, Any]) -> int:
-    """Positions of the training forward (prompt and completion, padding included)."""
-    return int(batch["inputs_bt"].size)
 
 
 def check_config(config: Any) -> None:
@@ -192,6 +186,6 @@ def make_evaluator(ctx: RunContext):
 
 
 STAGE = Stage(name="grpo", make_loss=make_loss, build_data=rollout_lib.build_data,
-              tokens_per_batch=tokens_per_batch, check_config=check_config,
+              check_config=check_config,
               make_batches=make_batches, make_evaluator=make_evaluator,
               default_config=default_config)

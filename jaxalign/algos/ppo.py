@@ -47,11 +47,6 @@ def default_config() -> dict[str, Any]:
         kl_horizon=(10_000.0, "adaptive KL horizon, in samples: how fast β moves"))}
 
 
-def tokens_per_batch(batch: Mapping[str, Any]) -> int:
-    """Positions of the training forward (prompt and completion, padding included)."""
-    return int(batch["inputs_bt"].size)
-
-
 def check_config(config: Any) -> None:
     """Stops before any compute on impossible PPO settings."""
     rollout_lib.check_config(config)
@@ -176,6 +171,6 @@ def make_evaluator(ctx: RunContext):
 
 
 STAGE = Stage(name="ppo", make_loss=make_loss, build_data=rollout_lib.build_data,
-              tokens_per_batch=tokens_per_batch, check_config=check_config,
+              check_config=check_config,
               make_model=PolicyWithValue, make_batches=make_batches,
               make_evaluator=make_evaluator, default_config=default_config)

@@ -1,7 +1,12 @@
-"""Reward modelling: a Bradley–Terry scalar head trained on preference pairs."""
+"""Reward modelling: a Bradley–Terry scalar head trained on preference pairs.
+
+With ``data.pack`` a row holds several pairs (layout: ``jaxalign.pairs``); each
+segment's reward is read at its own last position, so the loss equals the unpacked one.
+"""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -12,7 +17,7 @@ from jaxalign import losses, pairs
 from jaxalign.algos.base import Stage
 from jaxalign.config import section
 from jaxalign.models.heads import RewardModel
-from jaxalign.pairs import halves, mean_pair, pair_valid, stacked
+from jaxalign.pairs import halves, mean_pair, pair_slots_valid, stacked
 from jaxalign.step import Batch, LossOut
 
 
@@ -24,20 +29,24 @@ def default_config() -> dict[str, Any]:
                      "centred on zero"))}
 
 
-def loss_weights(batch: Batch) -> dict[str, jax.Array]:
+def loss_weights(batch: Batch, is_packed: bool = False) -> dict[str, jax.Array]:
     """The loss is a mean over the real pairs of the global batch."""
-    return {"pairs": jnp.sum(pair_valid(batch))}
+    p = pairs.num_slots(batch["chosen_segment_ids_bt"].shape[1], is_packed)
+    return {"pairs": jnp.sum(pair_slots_valid(batch, p))}
 
 
 def make_loss(config: Any):
-    """``(loss_fn, loss_weights)`` for ``config.rm``."""
+    """``(loss_fn, loss_weights)`` for ``config.rm`` (and ``config.data.pack``)."""
     center_coef = float(config.rm.center_coef)
+    is_packed = pairs.packed(config)
 
     def loss_fn(model: nnx.Module, batch: Batch) -> LossOut:
+        p = pairs.num_slots(batch["chosen_segment_ids_bt"].shape[1], is_packed)
         seq = stacked(batch)
-        r_chosen, r_rejected = halves(
-            model.rewards(seq["inputs_bt"], seq["positions_bt"], seq["segment_ids_bt"]))
-        valid = pair_valid(batch)
+        rewards_bp = model.segment_rewards(seq["inputs_bt"], seq["positions_bt"],
+                                           seq["segment_ids_bt"], p)
+        r_chosen, r_rejected = (x.reshape(-1) for x in halves(rewards_bp))
+        valid = pair_slots_valid(batch, p).reshape(-1)
         pair_losses = losses.bradley_terry_loss(r_chosen, r_rejected, center_coef=center_coef)
         return LossOut(
             {"pairs": jnp.sum(pair_losses * valid)},
@@ -46,9 +55,9 @@ def make_loss(config: Any):
              "rewards/chosen": mean_pair(r_chosen, valid),
              "rewards/rejected": mean_pair(r_rejected, valid)})
 
-    return loss_fn, loss_weights
+    return loss_fn, functools.partial(loss_weights, is_packed=is_packed)
 
 
 STAGE = Stage(name="rm", make_loss=make_loss, build_data=pairs.build_data,
-              tokens_per_batch=pairs.tokens_per_batch, make_model=RewardModel,
+              make_model=RewardModel,
               default_config=default_config)

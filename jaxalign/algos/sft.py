@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -44,10 +43,4 @@ def build_data(config: Any, tokenizer: Any, split: str, *, process_index: int,
                         process_count=process_count)
 
 
-def tokens_per_batch(batch: Mapping[str, Any]) -> int:
-    """Positions the model processes (padding included: it costs FLOPs too)."""
-    return int(batch["inputs_bt"].size)
-
-
-STAGE = Stage(name="sft", make_loss=make_loss, build_data=build_data,
-              tokens_per_batch=tokens_per_batch)
+STAGE = Stage(name="sft", make_loss=make_loss, build_data=build_data)

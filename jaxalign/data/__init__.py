@@ -24,10 +24,10 @@ _EXPORTS = {
     "RecordError": "records",
     "validate": "records",
     "Encoder": "encode",
-    "DataSettings": "pipeline",
-    "Loader": "pipeline",
-    "DataIterator": "pipeline",
-    "build_loader": "pipeline",
+    "DataSettings": "loader",
+    "Loader": "loader",
+    "DataIterator": "loader",
+    "build_loader": "loader",
 }
 
 __all__ = sorted(_EXPORTS)

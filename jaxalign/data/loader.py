@@ -8,14 +8,26 @@ counted and skipped, before training starts) and then serves
   process reading only its share of every global batch, optional worker processes —
   whose ``get_state()`` is small JSON that the trainer stores in every checkpoint, so a
   resumed run sees exactly the batches an uninterrupted run would have seen;
-* ``eval_batches()``: every record once, in order, in batches of a fixed shape, with
-  the same number of batches on every process.
+* ``eval_batches()``: every record once, in order, in batches of a fixed row count, with
+  the same number of batches (and the same width per batch) on every process.
 
-Packing (SFT) is best-fit decreasing over windows of ``pack_window`` consecutive
-examples, whose rows are then shuffled (seeded). A batch can span windows; the
+Packing (SFT and KTO sequences; preference pairs on both sides at once, see
+``packing.pack_rows``) is best-fit decreasing over windows of ``pack_window``
+consecutive examples, whose rows are then shuffled (seeded). The stream repeats before
+it is windowed, so a window runs on into the next epoch instead of ending with the
+epoch's leftovers. A batch can span windows; the
 iterator state is the grain state at the start of the oldest window not yet fully
 emitted plus how many of its rows were emitted, and restoring replays that window
 (packing and the row shuffle are pure functions of the window).
+
+Batches are cut to the smallest length bucket that holds their longest row
+(``data.buckets``; see ``buckets``; packed rows mostly fill ``max_len`` and keep it),
+so a step compiles once per bucket. With several
+processes, ``DataIterator`` widens each batch to the widest bucket of any process (one
+small collective per step, in the main process); eval batches need none, since every
+process measures every process's eval rows. ``data.group_by_length`` sorts windows of
+that many batches by length and shuffles the batch order, seeded by the window's start
+like the packing shuffle, so a restore replays it exactly.
 
 Batches are dicts of numpy arrays (see ``packing``); prompt batches also carry
 ``extras`` (a list of dicts) for reward functions, which stays on the host.
@@ -35,7 +47,7 @@ import grain
 import numpy as np
 from absl import flags, logging
 
-from jaxalign.data import packing
+from jaxalign.data import buckets, packing
 from jaxalign.data.encode import BAD_RECORD_POLICIES, Encoder, Example
 from jaxalign.data.records import FORMATS, Location, RecordError, validate
 from jaxalign.data.sources import ListSource, RecordSource, open_source
@@ -60,11 +72,13 @@ class DataSettings:
       chat_template: template name or path (see ``chat.get_template``).
       overlong: ``error``, ``truncate_left``, ``truncate_right`` or ``drop``.
       on_bad_record: ``error`` or ``skip``.
-      pack: pack several SFT examples per row.
+      pack: pack several examples (SFT, unpaired) or pairs (preference) per row.
       pack_window: examples per best-fit-decreasing window.
       seed: shuffling seed.
       shuffle: False keeps the source order (every epoch).
       num_workers: grain worker processes (0 = in the calling process).
+      buckets: row widths a batch may be cut to (``buckets.parse_buckets``).
+      group_by_length: batches per length-sorted window (0 = no grouping).
     """
 
     source: str
@@ -83,6 +97,8 @@ class DataSettings:
     seed: int = 0
     shuffle: bool = True
     num_workers: int = 0
+    buckets: str = "pow2"
+    group_by_length: int = 0
 
     @classmethod
     def from_config(cls, data: Any, split: str, fmt: str, batch_size: int) -> DataSettings:
@@ -98,7 +114,8 @@ class DataSettings:
             fields={k: v for k, v in dict(data.fields).items() if v},
             chat_template=data.chat_template, overlong=data.overlong,
             on_bad_record=data.on_bad_record, pack=data.pack, pack_window=data.pack_window,
-            seed=data.seed, shuffle=train and data.shuffle, num_workers=data.num_workers)
+            seed=data.seed, shuffle=train and data.shuffle, num_workers=data.num_workers,
+            buckets=data.buckets, group_by_length=data.group_by_length)
 
 
 def _hashed_seed(seed: int) -> int:
@@ -153,11 +170,12 @@ class _BatchDataset(grain.IterDataset):
 
     def __init__(self, parent: grain.IterDataset, *, fmt: str, rows: int, max_len: int,
                  max_prompt_len: int, pad_id: int, pack: bool, window: int, seed: int,
-                 name: str = "", barren_limit: int = 0):
+                 name: str = "", barren_limit: int = 0, widths: tuple[int, ...] = (),
+                 group: int = 0):
         super().__init__(parent)
         self.kw = dict(fmt=fmt, rows=rows, max_len=max_len, max_prompt_len=max_prompt_len,
                        pad_id=pad_id, pack=pack, window=window, seed=seed, name=name,
-                       barren_limit=barren_limit)
+                       barren_limit=barren_limit, widths=widths, group=group)
 
     def __iter__(self) -> _BatchIterator:
         return _BatchIterator(self._parent.__iter__(), **self.kw)
@@ -176,7 +194,8 @@ class _Window:
 class _BatchIterator(grain.DatasetIterator):
     def __init__(self, parent: grain.DatasetIterator, *, fmt: str, rows: int, max_len: int,
                  max_prompt_len: int, pad_id: int, pack: bool, window: int, seed: int,
-                 name: str = "", barren_limit: int = 0):
+                 name: str = "", barren_limit: int = 0, widths: tuple[int, ...] = (),
+                 group: int = 0):
         super().__init__(parent)
         # The stream repeats forever: if every record is dropped (all overlong, say),
         # reading would never end. After this many records without an example, stop.
@@ -185,9 +204,13 @@ class _BatchIterator(grain.DatasetIterator):
         self._fmt, self._rows, self._max_len = fmt, rows, max_len
         self._max_prompt_len, self._pad_id, self._pack = max_prompt_len, pad_id, pack
         self._seed = seed
+        # The bucket widths (the last one is the full width; empty: no bucketing).
+        self._widths = widths or ((max_prompt_len if fmt == "prompt" else max_len),)
+        # Grouping sorts windows of ``group`` batches; grouped windows hold whole batches.
+        self._group = group
         # Padding keeps the example order, so any window size gives the same batches;
         # one batch's worth keeps the replay after a restore short.
-        self._window = window if pack else rows
+        self._window = window if pack else rows * max(group, 1)
         self._windows: collections.deque[_Window] = collections.deque()
         self._offset = 0
         self._restore_offset = 0
@@ -199,7 +222,7 @@ class _BatchIterator(grain.DatasetIterator):
     def _read_window(self) -> None:
         anchor = self._parent.get_state()
         examples, counts = [], collections.Counter()
-        for _ in range(self._window):
+        while counts["records"] < self._window or self._short(len(examples), counts):
             try:
                 e = next(self._parent)
             except StopIteration:
@@ -222,10 +245,7 @@ class _BatchIterator(grain.DatasetIterator):
                 f"{self._name}: none of the last {self._barren['records']} records read yields "
                 f"an example, so no batch can be made ({reasons}). Raise data.max_len / "
                 "data.max_prompt_len or change data.overlong.")
-        if self._fmt == "sft":
-            rows = packing.make_rows(examples, self._max_len, self._pack)
-        else:
-            rows = [[e] for e in examples]
+        rows = packing.pack_rows(self._fmt, examples, self._max_len, self._pack)
         if self._pack:
             # Best-fit decreasing opens rows longest first; unshuffled, a window's first
             # batches would hold only its longest records. The order is seeded by the
@@ -233,6 +253,12 @@ class _BatchIterator(grain.DatasetIterator):
             key = zlib.crc32(json.dumps(anchor, sort_keys=True).encode())
             order = np.random.default_rng([self._seed, key]).permutation(len(rows))
             rows = [rows[i] for i in order]
+        if self._group:
+            # Rows of similar length share a batch; the batch order is shuffled, seeded by
+            # the window's start as above, so a replay groups the same way.
+            key = zlib.crc32(json.dumps(anchor, sort_keys=True).encode())
+            rows = buckets.group_rows(rows, self._rows,
+                                      np.random.default_rng([self._seed, key]))
         if self._restore_offset:
             # Replaying after a restore: these rows (and the counts) were already emitted.
             rows = rows[self._restore_offset:]
@@ -259,9 +285,17 @@ class _BatchIterator(grain.DatasetIterator):
                 self._offset = 0
         rows.extend([[]] * (self._rows - len(rows)))  # only at the end of a finite stream
         batch = packing.collate(self._fmt, rows, self._max_len, self._max_prompt_len,
-                                self._pad_id)
+                                self._pad_id, pack=self._pack)
+        batch = buckets.fit(batch, self._fmt, self._widths, self._pad_id)
         batch[STATS_KEY] = dict(stats)
         return batch
+
+    def _short(self, n_examples: int, counts: collections.Counter) -> bool:
+        # A grouped window reads on past dropped records until it holds whole batches
+        # (else every later batch would straddle two length groups); a stream that
+        # drops nearly everything stops at the barren limit.
+        return (bool(self._group) and n_examples < self._window
+                and counts["records"] < self._window + self._barren_limit)
 
     def get_state(self) -> dict[str, Any]:
         if self._windows:
@@ -281,12 +315,20 @@ class DataIterator:
 
     It also keeps running totals (records read, dropped, truncated, real vs row
     tokens) that ``metrics()`` reports and the state carries across restarts.
+
+    With several processes and several bucket widths, each batch is widened to the
+    widest bucket of any process (``buckets.agree_width``): every process must then
+    draw its batches in step, as the training loop does.
     """
 
-    def __init__(self, dataset: grain.IterDataset, name: str):
+    def __init__(self, dataset: grain.IterDataset, name: str, *, fmt: str = "sft",
+                 pad_id: int = 0, process_count: int = 1, widths: tuple[int, ...] = ()):
         self.name = name
         self._it = iter(dataset)
         self._counts: collections.Counter = collections.Counter()
+        self._fmt, self._pad_id = fmt, pad_id
+        self._agree = process_count > 1 and len(widths) > 1
+        self._process_count = process_count
 
     def __iter__(self) -> DataIterator:
         return self
@@ -294,6 +336,10 @@ class DataIterator:
     def __next__(self) -> dict[str, Any]:
         batch = next(self._it)
         stats = batch.pop(STATS_KEY)
+        if self._agree:
+            # The global batch is assembled from every process's piece: one width for all.
+            width = buckets.agree_width(packing.batch_width(batch), self._process_count)
+            batch = packing.repad(batch, width, self._fmt, self._pad_id)
         # Warn once per cause; the running totals go to the metrics log.
         for key in stats:
             if key.startswith("reason:") and key not in self._counts:
@@ -387,8 +433,9 @@ class Loader:
         s = settings
         if s.fmt not in FORMATS:
             raise ValueError(f"unknown record format {s.fmt!r}; known: {FORMATS}")
-        if s.pack and s.fmt != "sft":
-            raise ValueError(f"data.pack applies to SFT batches only, not {s.fmt!r}")
+        if s.pack and s.fmt not in packing.PACKABLE:
+            raise ValueError(f"data.pack does not apply to {s.fmt!r} batches: prompt rows are "
+                             "generation inputs, one prompt per row; set data.pack=False")
         if s.batch_size < 1 or s.batch_size % process_count:
             raise ValueError(f"batch size {s.batch_size} must be a positive multiple of the "
                              f"process count {process_count}")
@@ -397,6 +444,12 @@ class Loader:
         if s.seed < 0 or s.pack_window < 1 or s.num_workers < 0:
             raise ValueError("data.seed and data.num_workers must be >= 0 and data.pack_window "
                              f">= 1, got {s.seed}, {s.num_workers}, {s.pack_window}")
+        if s.group_by_length < 0 or (s.group_by_length and s.pack):
+            raise ValueError(f"data.group_by_length={s.group_by_length} must be >= 0, and 0 "
+                             "with data.pack (packing already fills rows)")
+        # Bucket widths: over prompt ids for prompt rows, over positions otherwise.
+        self.widths = buckets.parse_buckets(
+            s.buckets, (s.max_prompt_len or s.max_len) if s.fmt == "prompt" else s.max_len)
         self.settings = s
         self.tokenizer = tokenizer
         self.process_index, self.process_count = process_index, process_count
@@ -414,7 +467,8 @@ class Loader:
                             "; ".join(f"{n} x {r}" for r, n in self.invalid.most_common()))
         if not len(self.indices):
             raise ValueError(f"{where}: no valid records ({sum(self.invalid.values())} skipped)")
-        self._eval_cache: tuple[list[list[Example]], int] | None = None
+        self._eval_cache: tuple[list[list[list[Example]]], int] | None = None
+        self._eval_widths: list[int] = []
 
     @property
     def num_records(self) -> int:
@@ -426,11 +480,23 @@ class Loader:
         """Records skipped by validation."""
         return sum(self.invalid.values())
 
-    def batch_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        """Shapes and dtypes of this process's batch arrays."""
+    def batch_spec(self, width: int | None = None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Shapes and dtypes of this process's batch arrays, ``width`` positions per row
+        (default: the widest bucket, ``max_len``; prompt rows ``max_prompt_len``).
+
+        Raises:
+          ValueError: if ``width`` is not one of ``batch_widths()``.
+        """
         s = self.settings
-        return packing.batch_spec(s.fmt, self.local_batch_size, s.max_len,
-                                  s.max_prompt_len or s.max_len)
+        if width is not None and width not in self.widths:
+            raise ValueError(f"width {width} is not a bucket of this loader: {self.widths}")
+        return packing.batch_spec(s.fmt, self.local_batch_size, width or s.max_len,
+                                  width or s.max_prompt_len or s.max_len, pack=s.pack)
+
+    def batch_widths(self) -> tuple[int, ...]:
+        """Every row width a batch may have (``data.buckets``), increasing; the last is
+        the full width that ``batch_spec()`` describes."""
+        return self.widths
 
     def dataset(self) -> grain.IterDataset:
         """The grain pipeline of training batches for this process."""
@@ -454,7 +520,8 @@ class Loader:
                            pad_id=self.tokenizer.pad_id, pack=s.pack, window=window,
                            seed=s.seed, name=f"{self.source.name} [{s.split}]",
                            # Two epochs' worth: every process has seen all of its share.
-                           barren_limit=2 * len(self.indices) + window)
+                           barren_limit=2 * len(self.indices) + window,
+                           widths=self.widths, group=s.group_by_length)
         if s.num_workers:
             # grain's workers read absl flags; a library caller may never have parsed any.
             if not flags.FLAGS.is_parsed():
@@ -465,9 +532,13 @@ class Loader:
 
     def iterator(self) -> DataIterator:
         """A fresh training iterator at the start of the stream."""
-        return DataIterator(self.dataset(), f"{self.source.name} [{self.settings.split}]")
+        s = self.settings
+        return DataIterator(self.dataset(), f"{self.source.name} [{s.split}]", fmt=s.fmt,
+                            pad_id=self.tokenizer.pad_id, process_count=self.process_count,
+                            widths=self.widths)
 
-    def _eval_rows(self) -> tuple[list[list[Example]], int]:
+    def _eval_rows(self) -> tuple[list[list[list[Example]]], int]:
+        """Every process's eval rows (process q's at index q) and the batch count."""
         if self._eval_cache is None:
             s = self.settings
             encode = _EncodeIndex(self.source, self.encoder)
@@ -481,36 +552,48 @@ class Loader:
             if counts:
                 logging.warning("%s [%s]: %d eval records dropped: %s", self.source.name, s.split,
                                 sum(counts.values()), dict(counts))
-            b, p, n_proc = self.local_batch_size, self.process_index, self.process_count
+            b, n_proc = self.local_batch_size, self.process_count
             # Shares in blocks of b, as in training: padded eval batches are then the same
             # on any number of processes.
             shares = [[e for k, e in enumerate(examples) if (k // b) % n_proc == q]
                       for q in range(n_proc)]
             if s.pack:
                 # Every process packs every share so that all agree on the batch count.
-                rows = [packing.make_rows(share, s.max_len, True) for share in shares]
+                rows = [packing.pack_rows(s.fmt, share, s.max_len, True) for share in shares]
                 n = max(math.ceil(len(r) / b) for r in rows)
-                mine = rows[p]
             else:
-                mine = [[e] for e in shares[p]]
+                rows = [[[e] for e in share] for share in shares]
                 n = math.ceil(len(examples) / (b * n_proc))
-            self._eval_cache = (mine, n)
+            self._eval_cache = (rows, n)
         return self._eval_cache
 
     def eval_batches(self) -> Iterator[dict[str, Any]]:
         """Yields every valid record once, in order, in batches of the training shape.
 
-        Rows past the last record are padding (no loss, segment 0), so shapes stay static,
-        nothing is dropped, and every process yields the same number of batches.
+        Rows past the last record are padding (no loss, segment 0), so nothing is dropped,
+        and every process yields the same number of batches. Batch j is cut to the bucket
+        of its longest row on any process: every process measures every process's rows
+        (once; no collective), so all agree on each batch's width.
         """
         s = self.settings
         rows, n = self._eval_rows()
-        b = self.local_batch_size
+        pad_id = self.tokenizer.pad_id
         for j in range(n):
-            chunk = rows[j * b:(j + 1) * b]
-            chunk = chunk + [[]] * (b - len(chunk))
-            yield packing.collate(s.fmt, chunk, s.max_len, s.max_prompt_len or s.max_len,
-                                  self.tokenizer.pad_id)
+            batch = self._eval_collate(rows[self.process_index], j)
+            if j == len(self._eval_widths):  # first pass over batch j
+                used = max(packing.used_width(batch if q == self.process_index else
+                                              self._eval_collate(r, j), s.fmt, pad_id)
+                           for q, r in enumerate(rows)) if len(self.widths) > 1 else 0
+                self._eval_widths.append(buckets.pick_width(used, self.widths))
+            yield packing.crop(batch, self._eval_widths[j], s.fmt)
+
+    def _eval_collate(self, rows: list[list[Example]], j: int) -> dict[str, Any]:
+        """Eval batch ``j`` of one process's ``rows`` at full width."""
+        s, b = self.settings, self.local_batch_size
+        chunk = rows[j * b:(j + 1) * b]
+        chunk = chunk + [[]] * (b - len(chunk))
+        return packing.collate(s.fmt, chunk, s.max_len, s.max_prompt_len or s.max_len,
+                               self.tokenizer.pad_id, pack=s.pack)
 
 
 def build_loader(config: Any, tokenizer: Tokenizer, split: str, fmt: str, *,

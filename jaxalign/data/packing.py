@@ -2,7 +2,10 @@
 
 A *row* is one line of a batch: for sequence formats (``sft``, ``unpaired``) a list of
 examples laid end to end (one when padding, several when packing), for ``preference``
-and ``prompt`` exactly one example. An empty row is padding.
+one pair, or several when packing (segment k of a row holds pair k on both the chosen
+and the rejected side; see ``jaxalign.pairs``), for ``prompt`` exactly one example.
+Packed ``unpaired`` rows carry ``label_bt``, each segment's label at its positions. An
+empty row is padding.
 
 Sequence rows hold next-token arrays of length ``T = max_len``: an example of n ids
 fills n - 1 positions with ``inputs = ids[:-1]``, ``targets = ids[1:]``,
@@ -136,6 +139,114 @@ def preference_batch(rows: Sequence[Sequence[Example]], max_len: int,
     return out
 
 
+# --- packed pairs and labelled segments ---------------------------------------------------
+
+# Formats ``data.pack`` applies to; prompt rows are generation inputs, never packed.
+PACKABLE = ("sft", "preference", "unpaired")
+
+
+def best_fit_decreasing_pairs(sizes: Sequence[tuple[int, int]],
+                              capacity: int) -> list[list[int]]:
+    """Packs two-sided items into rows of ``capacity`` positions on *each* side.
+
+    Best-fit decreasing on two dimensions: items are taken by their larger side, longest
+    first (ties: larger total, then index); each goes into the open row where both sides
+    fit and the least room is left over (ties: the earliest row), or opens a new row.
+
+    Args:
+      sizes: each item's (first side, second side) size, both in ``[1, capacity]``.
+      capacity: the row size of each side.
+
+    Returns:
+      Rows as lists of item indices, in the order the rows were opened.
+    """
+    order = sorted(range(len(sizes)), key=lambda i: (-max(sizes[i]), -sum(sizes[i]), i))
+    rows: list[list[int]] = []
+    free = np.zeros((len(sizes), 2), np.int64)  # room left on each side of each row
+    for i in order:
+        need = np.asarray(sizes[i], np.int64)
+        if not (0 < need.min() and need.max() <= capacity):
+            raise ValueError(f"item {i} has sizes {tuple(sizes[i])}, outside [1, {capacity}]")
+        room = free[:len(rows)] - need
+        fits = (room >= 0).all(axis=1)
+        if fits.any():
+            r = int(np.argmin(np.where(fits, room.sum(axis=1), 2 * capacity + 1)))
+            rows[r].append(i)
+        else:
+            r = len(rows)
+            rows.append([i])
+            free[r] = capacity
+        free[r] -= need
+    return rows
+
+
+def pair_positions(example: Example) -> tuple[int, int]:
+    """Positions a preference example occupies on the (chosen, rejected) sides."""
+    n = len(example["prompt"]) - 1
+    return max(n + len(example["chosen"]), 1), max(n + len(example["rejected"]), 1)
+
+
+def pack_rows(fmt: str, examples: Sequence[Example], max_len: int,
+              pack: bool) -> list[list[Example]]:
+    """Groups examples of format ``fmt`` into rows: one each, or packed when ``pack``
+    (sequence formats one-dimensionally, preference pairs on both sides at once)."""
+    if not pack or fmt not in PACKABLE:
+        return [[e] for e in examples]
+    if fmt == "preference":
+        sizes = [pair_positions(e) for e in examples]
+        return [[examples[i] for i in row]
+                for row in best_fit_decreasing_pairs(sizes, max_len)]
+    return make_rows(examples, max_len, True)
+
+
+def packed_preference_batch(rows: Sequence[Sequence[Example]], max_len: int,
+                            pad_id: int) -> dict[str, np.ndarray]:
+    """``chosen_*_bt`` and ``rejected_*_bt`` of rows holding several pairs: pair ``k`` of
+    row ``r`` is segment ``k + 1`` of row ``r`` on both sides (prompt + that side's
+    completion, positions from 0, loss mask on the completion ids). One pair per row
+    gives exactly ``preference_batch``."""
+    b = len(rows)
+    out = {}
+    for side in ("chosen", "rejected"):
+        arr = {k: np.zeros((b, max_len), np.int32) for k in SEQUENCE_FIELDS}
+        arr["loss_mask"] = np.zeros((b, max_len), np.float32)
+        arr["inputs"][:] = pad_id
+        arr["targets"][:] = pad_id
+        for r, row in enumerate(rows):
+            pos = 0
+            for s, e in enumerate(row, start=1):
+                ids = np.concatenate([e["prompt"], e[side]])
+                n = len(ids) - 1
+                if pos + n > max_len:
+                    raise ValueError(f"{side} row {r} overflows: {pos} + {n} > {max_len}")
+                arr["inputs"][r, pos:pos + n] = ids[:-1]
+                arr["targets"][r, pos:pos + n] = ids[1:]
+                # Targets from index len(prompt) - 1 on are completion ids: those train.
+                arr["loss_mask"][r, pos + max(len(e["prompt"]) - 1, 0):pos + n] = 1.0
+                arr["segment_ids"][r, pos:pos + n] = s
+                arr["positions"][r, pos:pos + n] = np.arange(n)
+                pos += n
+        out.update({f"{side}_{k}_bt": v for k, v in arr.items()})
+    return out
+
+
+def packed_unpaired_batch(rows: Sequence[Sequence[Example]], max_len: int,
+                          pad_id: int) -> dict[str, np.ndarray]:
+    """``sequence_batch`` of labelled examples packed several per row, with ``label_bt``
+    (each segment's label at its positions, 0 on padding) instead of ``label_b``."""
+    out = sequence_batch(rows, max_len, pad_id)
+    out.pop("label_b", None)
+    label_bt = np.zeros((len(rows), max_len), np.float32)
+    for r, row in enumerate(rows):
+        pos = 0
+        for e in row:
+            n = positions_used(e)
+            label_bt[r, pos:pos + n] = e["label"]
+            pos += n
+    out["label_bt"] = label_bt
+    return out
+
+
 def prompt_batch(rows: Sequence[Sequence[Example]], max_prompt_len: int,
                  pad_id: int) -> dict[str, Any]:
     """Builds left-padded ``prompt_tokens_bt``, ``prompt_mask_bt`` (1 = a real id) and
@@ -160,9 +271,10 @@ def prompt_batch(rows: Sequence[Sequence[Example]], max_prompt_len: int,
             "prompt_positions_bt": positions, "extras": extras}
 
 
-def batch_spec(fmt: str, rows: int, max_len: int,
-               max_prompt_len: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Shapes and dtypes of the array fields of a batch of ``rows`` rows."""
+def batch_spec(fmt: str, rows: int, max_len: int, max_prompt_len: int,
+               pack: bool = False) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shapes and dtypes of the array fields of a batch of ``rows`` rows (``pack``: packed
+    unpaired rows carry ``label_bt`` instead of ``label_b``)."""
     def seq(prefix: str = "") -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         return {f"{prefix}{k}_bt": ((rows, max_len),
                                     np.dtype(np.float32 if k == "loss_mask" else np.int32))
@@ -170,6 +282,8 @@ def batch_spec(fmt: str, rows: int, max_len: int,
 
     if fmt == "sft":
         return seq()
+    if fmt == "unpaired" and pack:
+        return {**seq(), "label_bt": ((rows, max_len), np.dtype(np.float32))}
     if fmt == "unpaired":
         return {**seq(), "label_b": ((rows,), np.dtype(np.float32))}
     if fmt == "preference":
@@ -181,8 +295,12 @@ def batch_spec(fmt: str, rows: int, max_len: int,
 
 
 def collate(fmt: str, rows: Sequence[Sequence[Example]], max_len: int, max_prompt_len: int,
-            pad_id: int) -> dict[str, Any]:
-    """Rows -> the batch dict of format ``fmt``."""
+            pad_id: int, pack: bool = False) -> dict[str, Any]:
+    """Rows -> the batch dict of format ``fmt`` (``pack``: rows may hold several examples)."""
+    if pack and fmt == "unpaired":
+        return packed_unpaired_batch(rows, max_len, pad_id)
+    if pack and fmt == "preference":
+        return packed_preference_batch(rows, max_len, pad_id)
     if fmt in ("sft", "unpaired"):
         out = sequence_batch(rows, max_len, pad_id)
         if fmt == "unpaired" and "label_b" not in out:
@@ -203,3 +321,80 @@ def real_tokens(batch: Mapping[str, Any]) -> tuple[int, int]:
             real += int(np.count_nonzero(value))
             total += int(value.size)
     return real, total
+
+
+# --- row width: what bucketing (``buckets``) and multi-process agreement change -----------
+
+# Formats whose rows are padded on the left (the real ids end at the last position).
+LEFT_PADDED = ("prompt",)
+_PAD_ID_FIELDS = ("inputs_bt", "targets_bt", "tokens_bt")
+
+
+def pad_value(key: str, pad_id: int) -> int:
+    """What a padding position of batch field ``key`` holds: ``pad_id`` for ids, else 0."""
+    return pad_id if key.endswith(_PAD_ID_FIELDS) else 0
+
+
+def _row_fields(batch: Mapping[str, Any]) -> list[tuple[str, np.ndarray]]:
+    """The ``*_bt`` arrays of a batch: those with a position axis (axis 1)."""
+    return [(k, v) for k, v in batch.items()
+            if k.endswith("_bt") and isinstance(v, np.ndarray) and v.ndim >= 2]
+
+
+def batch_width(batch: Mapping[str, Any]) -> int:
+    """Positions per row of ``batch``.
+
+    Raises:
+      ValueError: if its ``*_bt`` fields disagree (or there are none).
+    """
+    widths = {v.shape[1] for _, v in _row_fields(batch)}
+    if len(widths) != 1:
+        raise ValueError(f"batch fields have no single row width: {sorted(widths)}")
+    return widths.pop()
+
+
+def used_width(batch: Mapping[str, Any], fmt: str, pad_id: int) -> int:
+    """The fewest positions per row that keep every non-padding value of ``batch``."""
+    used = 0
+    for key, value in _row_fields(batch):
+        real_t = (value != pad_value(key, pad_id)).reshape(
+            value.shape[0], value.shape[1], -1).any(axis=(0, 2))
+        cols = np.flatnonzero(real_t)
+        if cols.size:
+            t = value.shape[1]
+            used = max(used, t - int(cols[0]) if fmt in LEFT_PADDED else int(cols[-1]) + 1)
+    return used
+
+
+def crop(batch: Mapping[str, Any], width: int, fmt: str) -> dict[str, Any]:
+    """``batch`` with ``width`` positions per row: drops trailing (prompt rows: leading)
+    positions, which the caller knows to be padding (``used_width``)."""
+    out = dict(batch)
+    for key, value in _row_fields(batch):
+        t = value.shape[1]
+        if width != t:
+            part = value[:, t - width:] if fmt in LEFT_PADDED else value[:, :width]
+            out[key] = np.ascontiguousarray(part)
+    return out
+
+
+def repad(batch: Mapping[str, Any], width: int, fmt: str, pad_id: int) -> dict[str, Any]:
+    """``batch`` widened to ``width`` positions per row, as if collated at that width.
+
+    Sequence fields gain padding on the right (prompt rows on the left) holding what a
+    padding position holds: ``pad_id`` in ids, 0 in masks, segments and positions. Every
+    ``*_bt`` field is widened, so any row layout of ``collate`` is covered.
+
+    Raises:
+      ValueError: if ``width`` is narrower than the batch.
+    """
+    out = dict(batch)
+    for key, value in _row_fields(batch):
+        t = value.shape[1]
+        if width < t:
+            raise ValueError(f"cannot repad {key} of width {t} to the narrower {width}")
+        if width > t:
+            pad = [(0, 0)] * value.ndim
+            pad[1] = (width - t, 0) if fmt in LEFT_PADDED else (0, width - t)
+            out[key] = np.pad(value, pad, constant_values=pad_value(key, pad_id))
+    return out

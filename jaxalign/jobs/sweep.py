@@ -31,7 +31,8 @@ Overrides = dict[str, Any]
 
 # Train-row metrics that describe the machinery rather than the model; left out of
 # the summary (the curves are in metrics.jsonl and the plots).
-_BOOKKEEPING = ("learning_rate", "tokens_per_s", "mfu", "grad_norm", "update_norm")
+_BOOKKEEPING = ("learning_rate", "tokens_per_s", "positions_per_s", "mfu", "grad_norm",
+                "update_norm")
 
 
 def split_config_arg(config_arg: str) -> tuple[str, str | None]:

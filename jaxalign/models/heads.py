@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxalign import losses
 from jaxalign.models.transformer import Transformer, TransformerConfig, resolve_dtype
 
 
@@ -42,6 +43,20 @@ class RewardModel(Transformer):
         h_bd = jnp.take_along_axis(h_btd, last_b[:, None, None], axis=1)[:, 0]
         w_d = self.reward_head[...].astype(jnp.float32)
         return h_bd.astype(jnp.float32) @ w_d + self.reward_bias[...].astype(jnp.float32)
+
+    def segment_rewards(self, tokens_bt: jax.Array, positions_bt: jax.Array,
+                        segment_ids_bt: jax.Array, num_segments: int) -> jax.Array:
+        """``[b, p]`` float32 rewards at the last position of each segment of packed rows
+        (slot ``k`` = segment ``k + 1``; 0-position slots read position 0, mask them).
+        With one segment per row, ``rewards(...)[:, None]``."""
+        if num_segments == 1:
+            return self.rewards(tokens_bt, positions_bt, segment_ids_bt)[:, None]
+        h_btd = self.hidden(tokens_bt, positions_bt, segment_ids_bt)
+        w_d = self.reward_head[...].astype(jnp.float32)
+        # The head is linear: score every position, then read the segments' last ones.
+        r_bt = h_btd.astype(jnp.float32) @ w_d + self.reward_bias[...].astype(jnp.float32)
+        last_bp = losses.segment_last_index(segment_ids_bt, num_segments)
+        return jnp.take_along_axis(r_bt, last_bp, axis=1)
 
 
 class PolicyWithValue(Transformer):
