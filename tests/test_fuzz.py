@@ -28,7 +28,7 @@ from presets import preset
 
 from jaxalign.config import MODEL_PRESETS
 from jaxalign.data.loader import DataSettings, Loader, _EncodeIndex
-from jaxalign.data.packing import batch_spec
+from jaxalign.data.packing import batch_spec, batch_width, repad
 from jaxalign.data.records import OverlongError, RecordError
 from jaxalign.data.tokenizer import load_tokenizer
 from jaxalign.train import Trainer
@@ -210,7 +210,11 @@ def _check_error(err, path, line, field):
         assert re.match(r"[^\[.]*", err.field).group() == field, (str(err), field)
 
 
-def _check_batch(batch, fmt):
+def _check_batch(batch, fmt, widths):
+    """A batch is cut to one of the loader's bucket widths and, widened to the full width,
+    has exactly the full batch's shapes, dtypes and value ranges."""
+    assert batch_width(batch) in widths, (batch_width(batch), widths)
+    batch = repad(batch, widths[-1], fmt, TOK.pad_id)
     spec = batch_spec(fmt, BATCH, MAX_LEN, MAX_PROMPT)
     for key, (shape, dtype) in spec.items():
         assert batch[key].shape == shape and batch[key].dtype == dtype, key
@@ -279,7 +283,7 @@ def _check_batches(loader, fmt, kept, overlong_ok):
     it = loader.iterator()
     try:
         for _ in range(2):
-            _check_batch(next(it), fmt)
+            _check_batch(next(it), fmt, loader.batch_widths())
     except OverlongError as e:
         assert loader.settings.overlong == "error" and overlong_ok(e), str(e)
     except ValueError as e:

@@ -44,7 +44,11 @@ def _assert_trees_close(a, b, atol):
 @pytest.mark.slow
 def test_mesh_invariance(tmp_path):
     """Losses and final params agree across (1,1,1) on one device, (8,1,1), (2,4,1), (2,2,2)."""
-    common = dict(**{"train.steps": 3, "train.log_every": 1, "data.eval": ""})
+    # Rows padded to max_len, the shapes these tolerances were set for: at this preset's
+    # learning rate Adam magnifies summation-order noise in near-zero gradients, and
+    # which elements it hits depends on the batch width.
+    common = dict(**{"train.steps": 3, "train.log_every": 1, "data.eval": "",
+                     "data.buckets": "max_len"})
     ref, ref_rows = _run(tmp_path, "one", (1, 1, 1), jax.devices()[:1], **common)
     assert len(ref_rows) == 3
     for shape in [(8, 1, 1), (2, 4, 1), (2, 2, 2)]:

@@ -2,7 +2,7 @@
 
 A stage is a :class:`Stage` value (``STAGE`` in its module, registered in
 ``jaxalign.algos``). ``jaxalign.train`` calls these hooks and nothing else of a
-stage; a stage never sees the trainer. Hooks that need the run (RL rollouts,
+stage; a stage never sees the trainer object: hooks that need the run (RL rollouts,
 generation evals) get a :class:`RunContext`: read-only facts of the run plus the
 initial params, computed on first use.
 """
