@@ -168,14 +168,10 @@ class _ProcessShard(grain.MapDataset):
 class _BatchDataset(grain.IterDataset):
     """Examples -> batches of ``rows`` rows (padded or packed), with per-batch counts."""
 
-    def __init__(self, parent: grain.IterDataset, *, fmt: str, rows: int, max_len: int,
-                 max_prompt_len: int, pad_id: int, pack: bool, window: int, seed: int,
-                 name: str = "", barren_limit: int = 0, widths: tuple[int, ...] = (),
-                 group: int = 0):
+    def __init__(self, parent: grain.IterDataset, **kw: Any):
+        """``kw``: the keyword arguments of ``_BatchIterator`` (one per iterator made)."""
         super().__init__(parent)
-        self.kw = dict(fmt=fmt, rows=rows, max_len=max_len, max_prompt_len=max_prompt_len,
-                       pad_id=pad_id, pack=pack, window=window, seed=seed, name=name,
-                       barren_limit=barren_limit, widths=widths, group=group)
+        self.kw = kw
 
     def __iter__(self) -> _BatchIterator:
         return _BatchIterator(self._parent.__iter__(), **self.kw)
