@@ -225,9 +225,9 @@ def jax_config(kind: str, ckpt: Path, data: Path, steps: int) -> Any:
 
 def count(kind: str, host: dict[str, Any]) -> int:
     """SFT: ids in the batch (each record's n ids fill n - 1 positions of its segment);
-    DPO: real pairs."""
+    DPO: real pairs (a packed row holds several, one chosen segment each)."""
     if kind == "dpo":
-        return int(np.count_nonzero(host["chosen_segment_ids_bt"].any(axis=1)))
+        return sum(len(np.unique(r[r > 0])) for r in host["chosen_segment_ids_bt"])
     seg = host["segment_ids_bt"]
     return int(np.count_nonzero(seg)) + sum(len(np.unique(r[r > 0])) for r in seg)
 

@@ -194,8 +194,10 @@ def data_config() -> ml_collections.ConfigDict:
                   "truncate_right | drop; counted"),
         on_bad_record=("error", "malformed records: error | skip (counted and logged by "
                        "reason)"),
-        pack=(False, "best-fit-decreasing packing of several records per row: SFT and KTO "
-              "sequences, preference pairs on both sides at once (not prompt batches)"),
+        pack=(True, "best-fit-decreasing packing of several records per row: SFT and KTO "
+              "sequences, preference pairs on both sides at once; prompt batches (RL, "
+              "rejection sampling) are never packed, they use data.buckets; False = one "
+              "record per row"),
         pack_window=(512, "records per packing window"),
         num_workers=(0, "grain worker processes (0 = in the calling process)"),
         buckets=("pow2", "widths a batch is cut to (the smallest that holds its longest "

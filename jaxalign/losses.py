@@ -224,6 +224,19 @@ def _per_segment(op: Callable, x_bt: jax.Array, segment_ids_bt: jax.Array,
     return jax.vmap(row)(x_bt, segment_ids_bt)
 
 
+def take_positions(index_bk: jax.Array | None, *xs_bt: jax.Array) -> tuple[jax.Array, ...]:
+    """Each ``x`` (``[b, t, ...]``) at the positions ``index_bk`` (``[b, k]``) of its own
+    row, ``[b, k, ...]``; all of them unchanged when ``index_bk`` is None.
+
+    A loss taken only at some positions (SFT's completion tokens) can then run the
+    vocabulary projection on ``k`` rows of hidden states instead of ``t``.
+    """
+    if index_bk is None:
+        return xs_bt
+    return tuple(jnp.take_along_axis(x, index_bk.reshape(index_bk.shape + (1,) * (x.ndim - 2)),
+                                     axis=1) for x in xs_bt)
+
+
 def segment_sums(x_bt: jax.Array, segment_ids_bt: jax.Array, num_segments: int) -> jax.Array:
     """``[b, p]`` sums of ``x_bt`` over each segment of each row (0 for absent segments).
 

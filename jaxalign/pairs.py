@@ -70,8 +70,9 @@ def pair_slots_valid(batch: Batch, num_segments: int) -> jax.Array:
 
 def stacked(batch: Batch) -> dict[str, jax.Array]:
     """Chosen rows then rejected rows, ``[2b, t]``, so both sides run in one forward."""
+    keys = FIELDS + (("loss_index_bk",) if "chosen_loss_index_bk" in batch else ())
     return {k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]], axis=0)
-            for k in FIELDS}
+            for k in keys}
 
 
 def halves(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -82,13 +83,19 @@ def halves(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def segment_logps(model: nnx.Module, seq: Mapping[str, jax.Array], num_segments: int
                   ) -> tuple[jax.Array, jax.Array]:
-    """``[b, p]`` summed loss-bearing log-probs and loss-bearing lengths of each segment."""
+    """``[b, p]`` summed loss-bearing log-probs and loss-bearing lengths of each segment.
+
+    With ``loss_index_bk`` in ``seq`` the vocabulary projection runs only at those
+    positions (``k`` per row instead of ``t``).
+    """
     h_btd = model.hidden(seq["inputs_bt"], seq["positions_bt"], seq["segment_ids_bt"])
-    mask_bt = seq["loss_mask_bt"].astype(jnp.float32)
-    logps_bt = model.token_stats(h_btd, seq["targets_bt"])["logps_bt"] * mask_bt
-    seg = seq["segment_ids_bt"]
-    return (losses.segment_sums(logps_bt, seg, num_segments),
-            losses.segment_sums(mask_bt, seg, num_segments))
+    h, targets, mask, seg = losses.take_positions(
+        seq.get("loss_index_bk"), h_btd, seq["targets_bt"], seq["loss_mask_bt"],
+        seq["segment_ids_bt"])
+    mask = mask.astype(jnp.float32)
+    logps = model.token_stats(h, targets)["logps_bt"] * mask
+    return losses.segment_sums(logps, seg, num_segments), losses.segment_sums(mask, seg,
+                                                                                num_segments)
 
 
 def mean_pair(x_b: jax.Array, valid_b: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -97,7 +104,8 @@ def mean_pair(x_b: jax.Array, valid_b: jax.Array) -> tuple[jax.Array, jax.Array]
 
 
 def build_data(config: Any, tokenizer: Any, split: str, *, process_index: int,
-               process_count: int):
-    """Preference pairs (prompt + chosen, prompt + rejected) for this process."""
+               process_count: int, loss_index: bool = False):
+    """Preference pairs (prompt + chosen, prompt + rejected) for this process; with
+    ``loss_index`` their loss-bearing positions too (for log-prob losses)."""
     return build_loader(config, tokenizer, split, "preference", process_index=process_index,
-                        process_count=process_count)
+                        process_count=process_count, loss_index=loss_index)

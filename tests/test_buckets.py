@@ -116,14 +116,22 @@ def test_pick_width_edges():
         buckets.pick_width(49, widths)
 
 
-def test_agree_width_takes_the_widest(monkeypatch):
-    def no_collective(width):
+def test_agree_takes_the_largest_of_each(monkeypatch):
+    def no_collective(values):
         raise AssertionError("one process needs no collective")
 
     monkeypatch.setattr(buckets, "_allgather", no_collective)
-    assert buckets.agree_width(32, 1) == 32
-    monkeypatch.setattr(buckets, "_allgather", lambda width: np.array([16, width, 64, 32]))
-    assert buckets.agree_width(32, 4) == 64
+    assert buckets.agree((32, 24), 1) == (32, 24)
+    # Four processes' (width, loss positions): the widest width, the most positions.
+    monkeypatch.setattr(buckets, "_allgather", lambda values: np.array(
+        [[16, 16], list(values), [64, 32], [32, 32]]))
+    assert buckets.agree((32, 24), 4) == (64, 32)
+
+
+def test_loss_index_sizes():
+    assert buckets.loss_index_sizes(128) == (16, 24, 32, 48, 64, 96, 128)
+    assert buckets.loss_index_sizes(100) == (16, 24, 32, 48, 64, 96, 100)
+    assert buckets.loss_index_sizes(16) == (16,)
 
 
 # --- repad ----------------------------------------------------------------------------
@@ -281,25 +289,73 @@ def test_losses_and_gradients_match_full_width(tok, data, name):
         np.testing.assert_allclose(g, wide_g, rtol=1e-6, atol=1e-6 * scale)
 
 
+def _stage_loss(name, packed):
+    """``(loss_fn, weights_fn, frozen)`` of SFT or DPO (test preset) for ``name`` batches."""
+    if name == "sft":
+        return (*sft.make_loss(None), None)
+    from configs import dpo as dpo_config
+
+    config = dpo_config.get_config("test")
+    with config.unlocked():
+        config.data.pack = packed
+    return (*dpo.make_loss(config), {"reference": _tiny_model(1)})
+
+
+@pytest.mark.parametrize("name", ["sft", "preference"])
+@pytest.mark.parametrize("pack", [False, True])
+def test_loss_index_gives_the_full_loss_and_gradients(tok, data, name, pack):
+    """The unembedding run only at the loss positions (``k`` per row) gives the loss and
+    gradients of the whole rows."""
+    loader = _format(tok, data, name, pack=pack, loss_index=True)
+    batches = itertools.islice(loader.iterator(), 6)
+    sides = packing.LOSS_SIDES[name]
+    batch = next(b for b in batches if b[f"{sides[0]}loss_index_bk"].shape[1]
+                 < packing.batch_width(b))  # really fewer positions than the row has
+    for side in sides:
+        index_bk = batch[f"{side}loss_index_bk"]
+        mask_bt = batch[f"{side}loss_mask_bt"]
+        gathered = np.take_along_axis(mask_bt, index_bk, axis=1)
+        np.testing.assert_array_equal(gathered.sum(axis=1), mask_bt.sum(axis=1))
+    full = {k: v for k, v in batch.items() if "loss_index" not in k}
+    loss_fn, weights_fn, frozen = _stage_loss(name, pack)
+    loss, grads = _loss_and_grads(loss_fn, weights_fn, batch, frozen)
+    full_loss, full_grads = _loss_and_grads(loss_fn, weights_fn, full, frozen)
+    assert np.isfinite(loss) and loss > 0
+    np.testing.assert_allclose(loss, full_loss, rtol=1e-6)
+    for g, full_g in zip(grads, full_grads, strict=True):
+        scale = float(np.max(np.abs(full_g)))
+        np.testing.assert_allclose(g, full_g, rtol=1e-5, atol=1e-6 * scale)
+
+
 # --- several processes ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["sft", "preference", "prompt"])
-def test_processes_agree_on_the_widest_bucket(tok, data, name, monkeypatch):
-    """With a fake allgather, the processes' pieces form exactly the one-process batch."""
-    parts = [_format(tok, data, name, batch_size=8, process_index=p, process_count=2)
-             for p in range(2)]
-    whole = _format(tok, data, name, batch_size=8).iterator()
+@pytest.mark.parametrize("name, loss_index", [("sft", False), ("preference", False),
+                                              ("prompt", False), ("sft", True),
+                                              ("preference", True)])
+def test_processes_agree_on_the_widest_bucket(tok, data, name, loss_index, monkeypatch):
+    """With a fake allgather, the processes' pieces form exactly the one-process batch
+    (and agree on the number of loss positions per row, if the batches carry them)."""
+    kw = dict(batch_size=8, loss_index=loss_index)
+    parts = [_format(tok, data, name, process_index=p, process_count=2, **kw) for p in range(2)]
+    whole = _format(tok, data, name, **kw).iterator()
     steps = 8
-    local = [[packing.batch_width(b) for b in itertools.islice(iter(p.dataset()), steps)]
+    sizes = buckets.loss_index_sizes(parts[0].settings.max_len)
+
+    def local_shape(batch):
+        k = (buckets.pick_width(packing.loss_positions(batch, name), sizes)
+             if loss_index else 0)
+        return packing.batch_width(batch), k
+
+    local = [[local_shape(b) for b in itertools.islice(iter(p.dataset()), steps)]
              for p in parts]
     assert any(a != b for a, b in zip(*local, strict=True)), local  # the local buckets do differ
     calls = []
 
-    def fake_allgather(width):
+    def fake_allgather(values):
         step, process = divmod(len(calls), 2)
-        calls.append(width)
-        assert width == local[process][step]
+        calls.append(values)
+        assert tuple(values) == local[process][step]
         return np.array([local[0][step], local[1][step]], np.int32)
 
     monkeypatch.setattr(buckets, "_allgather", fake_allgather)
@@ -312,7 +368,11 @@ def test_processes_agree_on_the_widest_bucket(tok, data, name, monkeypatch):
                 np.testing.assert_array_equal(np.concatenate([g[key] for g in got]), value)
             else:
                 assert got[0][key] + got[1][key] == value
-        assert packing.batch_width(want) == max(local[0][step], local[1][step])
+        assert packing.batch_width(want) == max(local[0][step][0], local[1][step][0])
+        if loss_index:
+            k = min(max(local[0][step][1], local[1][step][1]), packing.batch_width(want))
+            for side in packing.LOSS_SIDES[name]:
+                assert want[f"{side}loss_index_bk"].shape == (8, k)
     assert len(calls) == 2 * steps
 
 

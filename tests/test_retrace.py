@@ -8,6 +8,8 @@ import numpy as np
 from flax import nnx
 from presets import preset
 
+from jaxalign.algos import get_stage
+from jaxalign.data.tokenizer import load_tokenizer
 from jaxalign.models.transformer import Transformer, TransformerConfig
 from jaxalign.sampling import SamplingConfig, left_pad, make_sampler, sample
 from jaxalign.step import ModelDef
@@ -37,14 +39,26 @@ def _compiles_of(counts, name):
     return counts[f"jit({name})"]
 
 
+def _config(stage, **overrides):
+    return preset(stage, **{"train.steps": 4, "train.log_every": 1, "train.eval_every": 2,
+                            "train.eval_batches": 3, "checkpoint.save_every": 100, **overrides})
+
+
 def _fit(tmp_path, stage, **overrides):
     """Four steps with two evaluations of three batches each; returns the compile counts."""
-    config = preset(stage, **{"train.steps": 4, "train.log_every": 1, "train.eval_every": 2,
-                              "train.eval_batches": 3, "checkpoint.save_every": 100,
-                              **overrides})
     with count_compiles() as counts:
-        train(config, str(tmp_path / stage))
+        train(_config(stage, **overrides), str(tmp_path / stage))
     return counts
+
+
+def _train_shapes(stage, steps=4, **overrides):
+    """The distinct array shapes of the run's first ``steps`` training batches."""
+    config = _config(stage, **overrides)
+    loader = get_stage(stage).build_data(config, load_tokenizer(config.tokenizer), "train",
+                                         process_index=0, process_count=1)
+    it = loader.iterator()
+    return {tuple(sorted((k, v.shape) for k, v in next(it).items()
+                         if isinstance(v, np.ndarray))) for _ in range(steps)}
 
 
 def test_sft_train_and_eval_steps_compile_once(tmp_path):
@@ -54,9 +68,13 @@ def test_sft_train_and_eval_steps_compile_once(tmp_path):
     assert _compiles_of(counts, "eval_step") == 1, counts
 
 
-def test_dpo_train_and_eval_steps_compile_once(tmp_path):
+def test_dpo_steps_compile_once_per_batch_shape(tmp_path):
+    """Packed pairs carry their loss positions, ``k`` per row from a few sizes: the train
+    step compiles once for each (width, k) the run meets, never per batch."""
+    shapes = _train_shapes("dpo")
+    assert len(shapes) > 1  # the first batches do need different numbers of loss positions
     counts = _fit(tmp_path, "dpo")
-    assert _compiles_of(counts, "train_step") == 1, counts
+    assert _compiles_of(counts, "train_step") == len(shapes), counts
     assert _compiles_of(counts, "eval_step") == 1, counts
 
 

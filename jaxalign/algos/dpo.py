@@ -180,7 +180,8 @@ def make_loss(config: Any):
     return loss_fn, functools.partial(loss_weights, is_packed=is_packed)
 
 
-STAGE = Stage(name="dpo", make_loss=make_loss, build_data=pairs.build_data,
+STAGE = Stage(name="dpo", make_loss=make_loss,
+              build_data=functools.partial(pairs.build_data, loss_index=True),
               check_config=check_config,
               frozen_models=frozen_models, precomputed_columns=precomputed_columns,
               default_config=default_config)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxalign import losses
 from jaxalign.algos.base import Stage
 from jaxalign.data.loader import build_loader
 from jaxalign.step import Batch, LossOut
@@ -21,13 +22,19 @@ def loss_weights(batch: Batch) -> dict[str, jax.Array]:
 
 
 def loss_fn(model: nnx.Module, batch: Batch) -> LossOut:
-    """Summed response-token NLL (normalised by ``loss_weights``' token count)."""
+    """Summed response-token NLL (normalised by ``loss_weights``' token count).
+
+    With ``loss_index_bk`` in the batch the vocabulary projection runs only at those
+    (loss-bearing) positions.
+    """
     h_btd = model.hidden(batch["inputs_bt"], batch["positions_bt"], batch["segment_ids_bt"])
-    stats = model.token_stats(h_btd, batch["targets_bt"], with_hits=True)
-    mask_bt = batch["loss_mask_bt"].astype(jnp.float32)
-    nll_sum = -jnp.sum(stats["logps_bt"] * mask_bt)
-    hits = jnp.sum(stats["hits_bt"] * mask_bt)
-    return LossOut({"tokens": nll_sum}, {"token_accuracy": (hits, jnp.sum(mask_bt))})
+    h, targets, mask = losses.take_positions(batch.get("loss_index_bk"), h_btd,
+                                             batch["targets_bt"], batch["loss_mask_bt"])
+    stats = model.token_stats(h, targets, with_hits=True)
+    mask = mask.astype(jnp.float32)
+    nll_sum = -jnp.sum(stats["logps_bt"] * mask)
+    hits = jnp.sum(stats["hits_bt"] * mask)
+    return LossOut({"tokens": nll_sum}, {"token_accuracy": (hits, jnp.sum(mask))})
 
 
 def make_loss(config: Any):
@@ -39,7 +46,8 @@ def make_loss(config: Any):
 def build_data(config: Any, tokenizer: Any, split: str, *, process_index: int,
                process_count: int):
     """Train or eval batches of SFT records (padded or packed) for this process."""
-    return build_loader(config, tokenizer, split, "sft", process_index=process_index,
+    return build_loader(config, tokenizer, split, "sft", loss_index=True,
+                        process_index=process_index,
                         process_count=process_count)
 
 

@@ -8,7 +8,7 @@ once per bucket, never once per batch.
 * ``parse_buckets`` turns the setting into the widths;
 * ``fit`` crops a batch collated at full width to its bucket (only padding is dropped);
   ``packing.repad`` widens a batch again, to the width every process agrees on
-  (``agree_width``: the widest local bucket);
+  (``agree``: the widest local bucket);
 * ``group_rows`` orders a window of rows so that each batch holds rows of similar
   length (``data.group_by_length``), then shuffles the order of the batches.
 """
@@ -77,6 +77,15 @@ def parse_buckets(spec: str, limit: int) -> tuple[int, ...]:
     return out
 
 
+def loss_index_sizes(limit: int) -> tuple[int, ...]:
+    """How many loss positions per row a batch's loss index may hold (``k`` of
+    ``packing.with_loss_index``): 16, 24, 32, 48, 64, 96, ... (powers of two and their
+    midpoints, two sizes per octave: at most a third of the gathered rows are filler),
+    ending with ``limit``."""
+    sizes = {size for p in parse_buckets("pow2", limit) for size in (p, p + p // 2)}
+    return tuple(sorted({s for s in sizes if s < limit} | {limit}))
+
+
 def pick_width(length: int, widths: Sequence[int]) -> int:
     """The smallest of ``widths`` (increasing) that holds ``length`` positions.
 
@@ -109,22 +118,24 @@ def fit(batch: dict[str, Any], fmt: str, widths: Sequence[int], pad_id: int,
     return packing.crop(batch, pick_width(max(used, at_least), widths), fmt)
 
 
-def _allgather(width: int) -> np.ndarray:
+def _allgather(values: Sequence[int]) -> np.ndarray:
     # Imported here: grain's worker processes import this module and need no JAX.
     from jax.experimental import multihost_utils
 
-    return np.asarray(multihost_utils.process_allgather(np.int32(width)))
+    return np.asarray(multihost_utils.process_allgather(np.asarray(values, np.int32)))
 
 
-def agree_width(width: int, process_count: int) -> int:
-    """The width every process uses for a step: the widest of the processes' ``width``.
+def agree(values: Sequence[int], process_count: int) -> tuple[int, ...]:
+    """The sizes every process uses for a step: the largest of the processes' ``values``,
+    element by element (e.g. the batch width and the loss-position count).
 
     Every process must call this once per step, in the same order (a collective); with
-    one process it returns ``width`` and communicates nothing.
+    one process it returns ``values`` and communicates nothing.
     """
     if process_count <= 1:
-        return width
-    return int(np.max(_allgather(width)))
+        return tuple(int(v) for v in values)
+    gathered = _allgather(values).reshape(-1, len(values))
+    return tuple(int(v) for v in gathered.max(axis=0))
 
 
 def example_length(example: Mapping[str, Any]) -> int:

@@ -79,6 +79,9 @@ class DataSettings:
       num_workers: grain worker processes (0 = in the calling process).
       buckets: row widths a batch may be cut to (``buckets.parse_buckets``).
       group_by_length: batches per length-sorted window (0 = no grouping).
+      loss_index: training batches carry the loss-bearing positions of each row
+        (``packing.with_loss_index``; SFT and preference formats), for stages that take
+        log-probs only there.
     """
 
     source: str
@@ -99,6 +102,7 @@ class DataSettings:
     num_workers: int = 0
     buckets: str = "pow2"
     group_by_length: int = 0
+    loss_index: bool = False
 
     @classmethod
     def from_config(cls, data: Any, split: str, fmt: str, batch_size: int) -> DataSettings:
@@ -113,7 +117,8 @@ class DataSettings:
             max_prompt_len=data.max_prompt_len, data_dir=data.dir,
             fields={k: v for k, v in dict(data.fields).items() if v},
             chat_template=data.chat_template, overlong=data.overlong,
-            on_bad_record=data.on_bad_record, pack=data.pack, pack_window=data.pack_window,
+            on_bad_record=data.on_bad_record,
+            pack=bool(data.pack) and fmt in packing.PACKABLE, pack_window=data.pack_window,
             seed=data.seed, shuffle=train and data.shuffle, num_workers=data.num_workers,
             buckets=data.buckets, group_by_length=data.group_by_length)
 
@@ -313,17 +318,24 @@ class DataIterator:
     tokens) that ``metrics()`` reports and the state carries across restarts.
 
     With several processes and several bucket widths, each batch is widened to the
-    widest bucket of any process (``buckets.agree_width``): every process must then
+    widest bucket of any process (``buckets.agree``): every process must then
     draw its batches in step, as the training loop does.
+
+    With ``loss_index`` (a positive ``max_len``) each batch also carries the positions
+    where a loss is taken (``packing.with_loss_index``), as many per row as the
+    smallest of ``buckets.loss_index_sizes`` that holds the busiest row's (agreed across
+    processes like the width): the stage runs its unembedding only there.
     """
 
     def __init__(self, dataset: grain.IterDataset, name: str, *, fmt: str = "sft",
-                 pad_id: int = 0, process_count: int = 1, widths: tuple[int, ...] = ()):
+                 pad_id: int = 0, process_count: int = 1, widths: tuple[int, ...] = (),
+                 loss_index: int = 0):
         self.name = name
         self._it = iter(dataset)
         self._counts: collections.Counter = collections.Counter()
         self._fmt, self._pad_id = fmt, pad_id
-        self._agree = process_count > 1 and len(widths) > 1
+        self._index_widths = buckets.loss_index_sizes(loss_index) if loss_index else ()
+        self._agree = process_count > 1 and (len(widths) > 1 or bool(loss_index))
         self._process_count = process_count
 
     def __iter__(self) -> DataIterator:
@@ -332,10 +344,15 @@ class DataIterator:
     def __next__(self) -> dict[str, Any]:
         batch = next(self._it)
         stats = batch.pop(STATS_KEY)
+        width = packing.batch_width(batch)
+        k = (buckets.pick_width(packing.loss_positions(batch, self._fmt), self._index_widths)
+             if self._index_widths else 0)
         if self._agree:
-            # The global batch is assembled from every process's piece: one width for all.
-            width = buckets.agree_width(packing.batch_width(batch), self._process_count)
+            # The global batch is assembled from every process's piece: one shape for all.
+            width, k = buckets.agree((width, k), self._process_count)
             batch = packing.repad(batch, width, self._fmt, self._pad_id)
+        if k:
+            batch = packing.with_loss_index(batch, self._fmt, min(k, width))
         # Warn once per cause; the running totals go to the metrics log.
         for key in stats:
             if key.startswith("reason:") and key not in self._counts:
@@ -437,12 +454,16 @@ class Loader:
                              f"process count {process_count}")
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        if s.loss_index and s.fmt not in packing.LOSS_SIDES:
+            raise ValueError(f"loss_index applies to {sorted(packing.LOSS_SIDES)} batches, "
+                             f"not {s.fmt!r}")
         if s.seed < 0 or s.pack_window < 1 or s.num_workers < 0:
             raise ValueError("data.seed and data.num_workers must be >= 0 and data.pack_window "
                              f">= 1, got {s.seed}, {s.num_workers}, {s.pack_window}")
         if s.group_by_length < 0 or (s.group_by_length and s.pack):
             raise ValueError(f"data.group_by_length={s.group_by_length} must be >= 0, and 0 "
-                             "with data.pack (packing already fills rows)")
+                             "with data.pack (packing already fills rows; set data.pack=False "
+                             "to group records by length instead)")
         # Bucket widths: over prompt ids for prompt rows, over positions otherwise.
         self.widths = buckets.parse_buckets(
             s.buckets, (s.max_prompt_len or s.max_len) if s.fmt == "prompt" else s.max_len)
@@ -531,7 +552,8 @@ class Loader:
         s = self.settings
         return DataIterator(self.dataset(), f"{self.source.name} [{s.split}]", fmt=s.fmt,
                             pad_id=self.tokenizer.pad_id, process_count=self.process_count,
-                            widths=self.widths)
+                            widths=self.widths,
+                            loss_index=s.max_len if s.loss_index else 0)
 
     def _eval_rows(self) -> tuple[list[list[list[Example]]], int]:
         """Every process's eval rows (process q's at index q) and the batch count."""
@@ -593,12 +615,15 @@ class Loader:
 
 
 def build_loader(config: Any, tokenizer: Tokenizer, split: str, fmt: str, *,
-                 process_index: int = 0, process_count: int = 1) -> Loader:
+                 process_index: int = 0, process_count: int = 1,
+                 loss_index: bool = False) -> Loader:
     """The loader of ``config.data``'s ``train`` or ``eval`` side for record format ``fmt``.
 
     The batch size is ``config.train.batch_size`` for training and
-    ``config.data.eval_batch_size`` for evaluation.
+    ``config.data.eval_batch_size`` for evaluation; ``loss_index`` (see ``DataSettings``)
+    is for a stage whose loss reads log-probs at loss-bearing positions only.
     """
     batch = config.train.batch_size if split == "train" else config.data.eval_batch_size
-    settings = DataSettings.from_config(config.data, split, fmt, batch)
+    settings = dataclasses.replace(DataSettings.from_config(config.data, split, fmt, batch),
+                                   loss_index=loss_index)
     return Loader(settings, tokenizer, process_index=process_index, process_count=process_count)

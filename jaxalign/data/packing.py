@@ -326,6 +326,32 @@ def real_tokens(batch: Mapping[str, Any]) -> tuple[int, int]:
 # --- row width: what bucketing (``buckets``) and multi-process agreement change -----------
 
 # Formats whose rows are padded on the left (the real ids end at the last position).
+# The row sides whose loss-bearing positions a stage may gather (``loss_index``).
+LOSS_SIDES = {"sft": ("",), "preference": ("chosen_", "rejected_")}
+
+
+def loss_positions(batch: Mapping[str, Any], fmt: str) -> int:
+    """The most loss-bearing positions any row of the batch has (either side of a pair)."""
+    return max(int(batch[f"{side}loss_mask_bt"].sum(axis=1).max(initial=0))
+               for side in LOSS_SIDES[fmt])
+
+
+def with_loss_index(batch: Mapping[str, Any], fmt: str, k: int) -> dict[str, Any]:
+    """The batch plus ``<side>loss_index_bk`` (int32 ``[b, k]``): each row's loss-bearing
+    positions in order, then its other positions in order, cut at ``k``.
+
+    With ``k >= loss_positions(batch)`` every loss-bearing position is kept, and the loss
+    mask gathered at the index is 1 exactly there (the filler positions bear no loss), so
+    a loss computed on the gathered positions equals the loss on the whole row.
+    """
+    out = dict(batch)
+    for side in LOSS_SIDES[fmt]:
+        not_loss_bt = batch[f"{side}loss_mask_bt"] == 0
+        out[f"{side}loss_index_bk"] = np.argsort(not_loss_bt, axis=1,
+                                                 kind="stable")[:, :k].astype(np.int32)
+    return out
+
+
 LEFT_PADDED = ("prompt",)
 _PAD_ID_FIELDS = ("inputs_bt", "targets_bt", "tokens_bt")
 

@@ -31,6 +31,7 @@ from jaxalign.models.attention import (
     softcap,
     splash_attention,
 )
+from jaxalign.models.dense import project
 from jaxalign.sharding import constrain
 
 _DTYPES = {
@@ -285,9 +286,9 @@ class Attention(nnx.Module):
         """
         cfg = self.cfg
         dt = resolve_dtype(cfg.dtype)
-        q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, self.q_proj[...].astype(dt))
-        k_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.k_proj[...].astype(dt))
-        v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.v_proj[...].astype(dt))
+        q_btnh = project(x_btd, self.q_proj[...].astype(dt))
+        k_btkh = project(x_btd, self.k_proj[...].astype(dt))
+        v_btkh = project(x_btd, self.v_proj[...].astype(dt))
         q_btnh = lora_lib.apply(self, "q_proj", x_btd, q_btnh)
         k_btkh = lora_lib.apply(self, "k_proj", x_btd, k_btkh)
         v_btkh = lora_lib.apply(self, "v_proj", x_btd, v_btkh)
@@ -331,7 +332,7 @@ class Attention(nnx.Module):
             probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(dt)
             out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_btkh)
             out_btnh = out_btkgh.reshape(b, t, n, h)
-        out_btd = jnp.einsum("btnh,nhd->btd", out_btnh, self.o_proj[...].astype(dt))
+        out_btd = project(out_btnh, self.o_proj[...].astype(dt), 2)
         out_btd = checkpoint_name(out_btd, "out_proj")
         out_btd = lora_lib.apply(self, "o_proj", out_btnh, out_btd)
         return out_btd if cache is None else (out_btd, cache)
@@ -359,10 +360,13 @@ class MLP(nnx.Module):
     def __call__(self, x_btd):
         dt = resolve_dtype(self.cfg.dtype)
         act = _ACTIVATIONS[self.cfg.mlp_activation]
-        gate_btf = lora_lib.apply(self, "gate_proj", x_btd, x_btd @ self.gate_proj[...].astype(dt))
-        up_btf = lora_lib.apply(self, "up_proj", x_btd, x_btd @ self.up_proj[...].astype(dt))
-        h_btf = constrain(act(gate_btf) * up_btf, ("act_batch", "act_seq", "act_mlp"))
-        return lora_lib.apply(self, "down_proj", h_btf, h_btf @ self.down_proj[...].astype(dt))
+
+        def proj(name: str, x):
+            return lora_lib.apply(self, name, x, project(x, getattr(self, name)[...].astype(dt)))
+
+        h_btf = constrain(act(proj("gate_proj", x_btd)) * proj("up_proj", x_btd),
+                          ("act_batch", "act_seq", "act_mlp"))
+        return proj("down_proj", h_btf)
 
 
 class Block(nnx.Module):
@@ -540,8 +544,7 @@ class Transformer(nnx.Module):
         cap = self.cfg.final_softcap
 
         def fn(h_bcd: jax.Array) -> jax.Array:
-            logits_bcv = jnp.einsum("bcd,dv->bcv", h_bcd, w_dv,
-                                    preferred_element_type=jnp.float32)
+            logits_bcv = project(h_bcd, w_dv, preferred_element_type=jnp.float32)
             logits_bcv = softcap(logits_bcv, cap)
             return logits_bcv if temperature in (0.0, 1.0) else logits_bcv / temperature
 
