@@ -280,13 +280,18 @@ def test_losses_and_gradients_match_full_width(tok, data, name):
 
         loss_fn, weights_fn = dpo.make_loss(dpo_config.get_config("test"))
         frozen = {"reference": _tiny_model(1)}
+    _assert_same_loss(loss_fn, weights_fn, frozen, batch, wide, grad_rtol=1e-6)
+
+
+def _assert_same_loss(loss_fn, weights_fn, frozen, batch, want_batch, grad_rtol):
+    """``batch`` and ``want_batch`` give one (positive) loss and the same gradients."""
     loss, grads = _loss_and_grads(loss_fn, weights_fn, batch, frozen)
-    wide_loss, wide_grads = _loss_and_grads(loss_fn, weights_fn, wide, frozen)
+    want_loss, want_grads = _loss_and_grads(loss_fn, weights_fn, want_batch, frozen)
     assert np.isfinite(loss) and loss > 0
-    np.testing.assert_allclose(loss, wide_loss, rtol=1e-6)
-    for g, wide_g in zip(grads, wide_grads, strict=True):
-        scale = float(np.max(np.abs(wide_g)))
-        np.testing.assert_allclose(g, wide_g, rtol=1e-6, atol=1e-6 * scale)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    for g, want_g in zip(grads, want_grads, strict=True):
+        scale = float(np.max(np.abs(want_g)))
+        np.testing.assert_allclose(g, want_g, rtol=grad_rtol, atol=1e-6 * scale)
 
 
 def _stage_loss(name, packed):
@@ -317,14 +322,7 @@ def test_loss_index_gives_the_full_loss_and_gradients(tok, data, name, pack):
         gathered = np.take_along_axis(mask_bt, index_bk, axis=1)
         np.testing.assert_array_equal(gathered.sum(axis=1), mask_bt.sum(axis=1))
     full = {k: v for k, v in batch.items() if "loss_index" not in k}
-    loss_fn, weights_fn, frozen = _stage_loss(name, pack)
-    loss, grads = _loss_and_grads(loss_fn, weights_fn, batch, frozen)
-    full_loss, full_grads = _loss_and_grads(loss_fn, weights_fn, full, frozen)
-    assert np.isfinite(loss) and loss > 0
-    np.testing.assert_allclose(loss, full_loss, rtol=1e-6)
-    for g, full_g in zip(grads, full_grads, strict=True):
-        scale = float(np.max(np.abs(full_g)))
-        np.testing.assert_allclose(g, full_g, rtol=1e-5, atol=1e-6 * scale)
+    _assert_same_loss(*_stage_loss(name, pack), batch, full, grad_rtol=1e-5)
 
 
 # --- several processes ----------------------------------------------------------------

@@ -17,8 +17,11 @@ from jaxalign.metrics import read_jsonl
 pytestmark = pytest.mark.slow  # starts processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One record per row: packing fills rows within each process's share of the records, so
+# packed batches (not their loss) depend on the process count.
 FLAGS = ["--config=configs/sft.py:test", "--config.train.steps=8", "--config.train.log_every=1",
-         "--config.checkpoint.save_every=4", "--config.data.eval=", "--config.mesh.data=8"]
+         "--config.checkpoint.save_every=4", "--config.data.eval=", "--config.mesh.data=8",
+         "--config.data.pack=false"]
 
 
 def _free_port():
