@@ -251,7 +251,10 @@ def test_damaged_checkpoint_falls_back_to_older_one(tmp_path, caplog):
 @pytest.fixture(scope="module")
 def mesh_source(tmp_path_factory):
     """A checkpoint written on 8 devices as (data, fsdp, tensor) = (2, 2, 2)."""
-    config = _config(**{"train.steps": 3, "checkpoint.save_every": 3, "data.eval": ""})
+    # One record per row, so the saved position counts exactly 3 batches of records
+    # (packing reads a window of records ahead).
+    config = _config(**{"train.steps": 3, "checkpoint.save_every": 3, "data.eval": "",
+                        "data.pack": False})
     workdir = str(tmp_path_factory.mktemp("mesh_source"))
     source = Trainer(config, workdir, mesh=make_mesh(dict(data=2, fsdp=2, tensor=2)))
     source.fit()

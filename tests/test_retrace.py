@@ -71,9 +71,9 @@ def test_sft_train_and_eval_steps_compile_once(tmp_path):
 def test_dpo_steps_compile_once_per_batch_shape(tmp_path):
     """Packed pairs carry their loss positions, ``k`` per row from a few sizes: the train
     step compiles once for each (width, k) the run meets, never per batch."""
-    shapes = _train_shapes("dpo")
+    shapes = _train_shapes("dpo", **{"data.pack": True})
     assert len(shapes) > 1  # the first batches do need different numbers of loss positions
-    counts = _fit(tmp_path, "dpo")
+    counts = _fit(tmp_path, "dpo", **{"data.pack": True})
     assert _compiles_of(counts, "train_step") == len(shapes), counts
     assert _compiles_of(counts, "eval_step") == 1, counts
 
