@@ -197,7 +197,7 @@ def data_config() -> ml_collections.ConfigDict:
         pack=(True, "best-fit-decreasing packing of several records per row: SFT and KTO "
               "sequences, preference pairs on both sides at once; prompt batches (RL, "
               "rejection sampling) are never packed, they use data.buckets; False = one "
-              "record per row (the default of rm and dpo)"),
+              "record per row"),
         pack_window=(512, "records per packing window"),
         num_workers=(0, "grain worker processes (0 = in the calling process)"),
         buckets=("pow2", "widths a batch is cut to (the smallest that holds its longest "
@@ -324,13 +324,6 @@ def stage_sections(stage: str) -> dict[str, ml_collections.ConfigDict]:
     return dict(_stage_registry().get_stage(stage).default_config())
 
 
-# Stages whose default is one record per row. Packed preference pairs give the unpacked
-# losses, but a killed packed DPO run does not yet resume bitwise-exactly (seen in
-# tests/test_reliability.py with data.pack=True); until it does, pairs pack only when
-# asked (data.pack=True).
-UNPACKED_BY_DEFAULT = ("rm", "dpo")
-
-
 def base_config(stage: str) -> ml_collections.ConfigDict:
     """A complete, runnable config for ``stage`` with the library's defaults (unlocked).
 
@@ -340,8 +333,6 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     config = shared_config(stage)
     for name, value in stage_sections(stage).items():
         config[name] = value
-    if stage in UNPACKED_BY_DEFAULT:
-        config.data.pack = False
     return config
 
 

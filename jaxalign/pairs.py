@@ -49,6 +49,15 @@ def num_slots(seq_len: int, is_packed: bool) -> int:
     return seq_len if is_packed else 1
 
 
+def fit_slots(x_bs: jax.Array, num_segments: int) -> jax.Array:
+    """Per-slot values ``[b, s]`` cut or zero-padded to ``[b, num_segments]`` slots (a row
+    never holds more pairs than the slots kept, so a cut drops only empty slots)."""
+    s = x_bs.shape[1]
+    if s >= num_segments:
+        return x_bs[:, :num_segments]
+    return jnp.pad(x_bs, ((0, 0), (0, num_segments - s)))
+
+
 def pair_valid(batch: Batch) -> jax.Array:
     """1.0 for real pairs, 0.0 for padding rows (no chosen completion tokens); unpacked."""
     return (jnp.sum(batch["chosen_loss_mask_bt"], axis=-1) > 0).astype(jnp.float32)

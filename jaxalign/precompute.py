@@ -40,6 +40,21 @@ def _local_rows(x: np.ndarray, rows: int) -> np.ndarray:
     return x[start:start + rows]
 
 
+def _stack(columns: list[np.ndarray]) -> np.ndarray:
+    """Per-batch columns stacked on a new step axis.
+
+    Per-slot columns (``[b, s]``, packed pairs: ``s`` is the batch's width) are padded
+    with zeros to the widest, then cut after the last slot any batch fills: a slot no
+    row uses holds 0, which is what the reader pads with again.
+    """
+    if columns[0].ndim < 2:
+        return np.stack(columns)
+    s = max(c.shape[1] for c in columns)
+    out = np.stack([np.pad(c, ((0, 0), (0, s - c.shape[1]))) for c in columns])
+    used = np.flatnonzero(out.any(axis=(0, 1)))
+    return out[:, :, :int(used[-1]) + 1 if used.size else 1]
+
+
 class PrecomputedColumns:
     """Per-row columns for the train batches (cached on disk) and eval batches (in memory)."""
 
@@ -77,7 +92,7 @@ class PrecomputedColumns:
             rows = self._compute(next(it) for _ in range(steps))
         finally:
             it.close()
-        self.train = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        self.train = {k: _stack([r[k] for r in rows]) for k in rows[0]}
         if jax.process_index() == 0:
             tmp = self.path + ".tmp.npz"
             np.savez(tmp, key=np.asarray(self.key), **self.train)

@@ -144,11 +144,13 @@ def _stage_config(name, **overrides):
 
 
 @pytest.mark.slow
-def test_trainer_precomputed_reference_matches_in_step(tmp_path):
+@pytest.mark.parametrize("pack", [False, True])
+def test_trainer_precomputed_reference_matches_in_step(tmp_path, pack):
     from jaxalign.metrics import read_jsonl
     from jaxalign.train import Trainer
 
-    common = {"train.steps": 4, "train.log_every": 1, "train.eval_every": 4}
+    common = {"train.steps": 4, "train.log_every": 1, "train.eval_every": 4,
+              "data.pack": pack}
     rows = {}
     for mode in ("in_step", "precomputed"):
         workdir = tmp_path / mode
@@ -164,7 +166,11 @@ def test_trainer_precomputed_reference_matches_in_step(tmp_path):
             np.testing.assert_allclose(a[key], b[key], rtol=1e-6, atol=1e-6, err_msg=key)
     cache = tmp_path / "precomputed" / "precomputed_reference.npz"
     with np.load(cache) as f:
-        assert f["ref_chosen_logps_b"].shape == (4, 16)
+        if pack:  # per pair slot, cut to the most pairs a row holds (several)
+            shape = f["ref_chosen_logps_bp"].shape
+            assert shape[:2] == (4, 16) and 1 < shape[2] < 48, shape
+        else:
+            assert f["ref_chosen_logps_b"].shape == (4, 16)
     # A resumed run reloads the cache instead of recomputing it.
     mtime = cache.stat().st_mtime_ns
     again = Trainer(_stage_config("dpo", **common, **{"dpo.reference": "precomputed"}),

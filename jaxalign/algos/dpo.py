@@ -9,8 +9,8 @@ from a frozen, non-donated reference model run in the step
 
 With ``data.pack`` the batch holds several pairs per row (layout: ``jaxalign.pairs``);
 the losses see per-pair ``[b, p]`` log-probs from per-segment sums, flattened, and give
-the same loss and gradients as the pairs one per row. The precomputed reference stores
-one column per row, so ``data.pack`` with ``dpo.reference=precomputed`` is refused.
+the same loss and gradients as the pairs one per row. The precomputed reference is then
+stored per pair slot (``ref_*_logps_bp``, cut to the most pairs any row of the run holds).
 """
 
 from __future__ import annotations
@@ -74,9 +74,15 @@ def precomputed_columns(config: Any):
     if not (uses_reference(config) and config.dpo.reference == "precomputed"):
         return None
 
+    is_packed = pairs.packed(config)
+
     def columns(ref_model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
-        chosen, rejected = reference_logps(ref_model, batch)
-        return {"ref_chosen_logps_b": chosen, "ref_rejected_logps_b": rejected}
+        if not is_packed:
+            chosen, rejected = reference_logps(ref_model, batch)
+            return {"ref_chosen_logps_b": chosen, "ref_rejected_logps_b": rejected}
+        p = pairs.num_slots(batch["chosen_segment_ids_bt"].shape[1], True)
+        chosen, rejected = reference_logps(ref_model, batch, p)
+        return {"ref_chosen_logps_bp": chosen, "ref_rejected_logps_bp": rejected}
 
     return "reference", columns
 
@@ -109,10 +115,6 @@ def check_config(config: Any) -> None:
         raise ValueError(f"dpo.reference={dpo.reference!r}; expected in_step or precomputed")
     if dpo.beta <= 0:
         raise ValueError(f"dpo.beta={dpo.beta} must be positive")
-    if pairs.packed(config) and uses_reference(config) and dpo.reference == "precomputed":
-        raise ValueError("data.pack=True cannot be combined with dpo.reference='precomputed' "
-                         "(the precomputed reference is stored per row, a packed row holds "
-                         "several pairs); use dpo.reference='in_step' or data.pack=False")
     if dpo.loss_type == "robust" and not 0 <= dpo.label_smoothing < 0.5:
         raise ValueError(f"dpo.label_smoothing={dpo.label_smoothing} must be in [0, 0.5) for "
                          "robust DPO")
@@ -155,6 +157,9 @@ def make_loss(config: Any):
         else:
             if "ref_chosen_logps_b" in batch:
                 ref_c, ref_r = batch["ref_chosen_logps_b"], batch["ref_rejected_logps_b"]
+            elif "ref_chosen_logps_bp" in batch:
+                ref_c, ref_r = (pairs.fit_slots(batch[f"ref_{side}_logps_bp"], p).reshape(-1)
+                                for side in ("chosen", "rejected"))
             else:
                 ref_c, ref_r = (x.reshape(-1) for x in
                                 reference_logps(frozen["reference"], batch, p))

@@ -261,8 +261,10 @@ class _BatchIterator(grain.DatasetIterator):
             rows = buckets.group_rows(rows, self._rows,
                                       np.random.default_rng([self._seed, key]))
         if self._restore_offset:
-            # Replaying after a restore: these rows (and the counts) were already emitted.
-            rows = rows[self._restore_offset:]
+            # Replaying after a restore: the first rows (and the counts) were already
+            # emitted. The window keeps them, so the offset a later save records counts
+            # from the window's start again and a second restore lands in the same place.
+            self._offset = self._restore_offset
             counts = collections.Counter()
             self._restore_offset = 0
         self._windows.append(_Window(anchor, rows, counts))
