@@ -49,10 +49,11 @@ def _stack(columns: list[np.ndarray]) -> np.ndarray:
     """
     if columns[0].ndim < 2:
         return np.stack(columns)
-    s = max(c.shape[1] for c in columns)
-    out = np.stack([np.pad(c, ((0, 0), (0, s - c.shape[1]))) for c in columns])
-    used = np.flatnonzero(out.any(axis=(0, 1)))
-    return out[:, :, :int(used[-1]) + 1 if used.size else 1]
+    # Each batch's own used slots first, so no [steps, b, width] copy is ever held.
+    used = [c[:, :int(np.flatnonzero(c.any(axis=0))[-1]) + 1] if c.any() else c[:, :1]
+            for c in columns]
+    s = max(c.shape[1] for c in used)
+    return np.stack([np.pad(c, ((0, 0), (0, s - c.shape[1]))) for c in used])
 
 
 class PrecomputedColumns:
