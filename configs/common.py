@@ -21,8 +21,11 @@ def preference_data(config: ml_collections.ConfigDict, max_len: int = 64) -> Non
 
 def preference_preset(config: ml_collections.ConfigDict, arg: str, *, demo_steps: int,
                       demo_lr: float) -> None:
-    """The ``demo``/``test`` presets the pairwise stages (rm, dpo, kto) share."""
-    if arg == "demo":
+    """The ``demo``/``test``/``hf``/``hf_lora`` presets the pairwise stages (rm, dpo, kto)
+    share."""
+    if arg in HF_PRESETS:
+        hf_preset(config, arg)
+    elif arg == "demo":
         config.model = model_config("small")
         config.model.init_from = "workdir:runs/sft-demo"
         config.train.steps = demo_steps
@@ -51,7 +54,7 @@ def preference_preset(config: ml_collections.ConfigDict, arg: str, *, demo_steps
         config.metrics.peak_flops = 1e11
     else:
         raise ValueError(f"unknown preset {arg!r} for configs/{config.stage}.py; known: demo, "
-                         "test")
+                         "test, hf, hf_lora")
 
 
 def prompt_data(config: ml_collections.ConfigDict) -> None:
@@ -66,8 +69,10 @@ def prompt_data(config: ml_collections.ConfigDict) -> None:
 
 def rl_preset(config: ml_collections.ConfigDict, arg: str, *, demo_steps: int, demo_batch: int,
               demo_every: int, test_steps: int, test_every: int) -> None:
-    """The ``demo``/``test`` presets the RL stages (grpo, ppo) share."""
-    if arg == "demo":
+    """The ``demo``/``test``/``hf``/``hf_lora`` presets the RL stages (grpo, ppo) share."""
+    if arg in HF_PRESETS:
+        hf_preset(config, arg)
+    elif arg == "demo":
         config.model = model_config("small")
         config.model.init_from = "workdir:runs/sft-world"
         config.data.max_len = config.data.max_prompt_len = 32
@@ -98,7 +103,7 @@ def rl_preset(config: ml_collections.ConfigDict, arg: str, *, demo_steps: int, d
         config.metrics.peak_flops = 1e11
     else:
         raise ValueError(f"unknown preset {arg!r} for configs/{config.stage}.py; known: demo, "
-                         "test")
+                         "test, hf, hf_lora")
 
 
 def _entry(kind: str, split: str, limit: int = 0, **options: object) -> ml_collections.ConfigDict:
@@ -146,3 +151,51 @@ def eval_suite(arg: str) -> ml_collections.ConfigDict:
         raise ValueError(f"unknown preset {arg!r} for configs/evals.py; known: default, test")
     c.lock()
     return c
+
+
+# Peak learning rates of the hf presets per stage: (full fine-tuning, LoRA). SFT and RM
+# follow the usual 1e-5..2e-5 / 1e-4..2e-4; the preference and RL stages move a pretrained
+# policy much less per step (Zephyr's DPO used 5e-7, TRL's GRPO default is 1e-6).
+HF_LEARNING_RATES = {"sft": (2e-5, 2e-4), "rm": (1e-5, 1e-4), "dpo": (1e-6, 2e-5),
+                     "kto": (1e-6, 2e-5), "grpo": (1e-6, 1e-5), "ppo": (1e-6, 1e-5)}
+HF_PRESETS = ("hf", "hf_lora")
+
+
+def hf_preset(config: ml_collections.ConfigDict, arg: str) -> None:
+    """Defaults for post-training a pretrained checkpoint (``hf`` and ``hf_lora``).
+
+    The model comes from ``--config.model.init_from=hf:<dir>`` (or ``gguf:<file>``,
+    ``workdir:<dir>``), its architecture and tokenizer (``tokenizer=auto``) with it, and the
+    chat template is the tokenizer's (``plain`` if it ships none). Rows up to 1024
+    positions, packed (prompt batches cut to length buckets); bf16 compute on GPU/TPU, f32
+    on CPU; warmup 3% of the steps, then cosine decay; ``hf_lora`` trains rank-16 adapters
+    at a LoRA rate. The data default to the builtin world's splits for the stage; with
+    ``--config.data.train=jsonl:<yours>`` evaluation holds out 5% of your records.
+    """
+    lora = arg == "hf_lora"
+    config.model.init_from = "hf:"  # required: the checkpoint to start from
+    config.model.dtype = "auto"
+    config.data.max_len = 1024
+    config.data.eval_batch_size = 16
+    config.train.steps = 1000
+    config.train.batch_size = 32
+    config.train.log_every = 10
+    config.train.eval_every = 200
+    config.train.eval_batches = 8
+    config.optim.learning_rate = HF_LEARNING_RATES[config.stage][lora]
+    config.optim.warmup_ratio = 0.03
+    config.optim.schedule = "cosine"
+    config.optim.final_lr_fraction = 0.0
+    config.optim.b2 = 0.999
+    config.optim.weight_decay = 0.0
+    config.checkpoint.save_every = 200
+    config.checkpoint.keep = 2
+    if lora:
+        config.model.lora.rank = 16
+        config.model.lora.alpha = 32
+    if config.stage in ("grpo", "ppo"):
+        config.data.max_prompt_len = 512
+        config.rl.max_new_tokens = 512
+        config.train.batch_size = 16
+        config.train.eval_every = 50
+        config.checkpoint.save_every = 50

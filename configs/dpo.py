@@ -6,8 +6,9 @@ DPO), ``hinge``, ``ipo``, ``exo_pair``, ``nca_pair``, ``robust``, ``bco_pair``,
 ``discopop``, plus the reference-free ``simpo`` and ``orpo``; ``rpo_alpha`` > 0
 adds RPO's NLL on the chosen completions.
 
-Presets: ``demo`` (from the SFT demo's workdir, on the builtin world's pairs),
-``test`` (tiny, seconds).
+Presets: ``hf``/``hf_lora`` (from a pretrained checkpoint,
+``--config.model.init_from=hf:<dir>``; ``configs/common.py:hf_preset``), ``demo`` (from
+the SFT demo's workdir, on the builtin world's pairs), ``test`` (tiny, seconds).
 
     python -m launch.train --config=configs/dpo.py:demo --workdir=runs/dpo-demo \\
         --config.dpo.loss_type=ipo
@@ -24,7 +25,8 @@ from jaxalign.config import base_config
 
 
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
-    """The DPO preset ``arg`` (``demo``, ``test``) over the library defaults."""
+    """The DPO preset ``arg`` (``demo``, ``test``, ``hf``, ``hf_lora``) over the library
+    defaults."""
     config = base_config("dpo")
     preference_data(config)
     # demo: beta 0.3, 100 steps. At 5e-4 held-out implicit accuracy was 0.904 but greedy task

@@ -10,10 +10,12 @@ Variants (see ``jaxalign.algos.grpo``)::
     GSPO:     --config.grpo.importance=sequence
     RLOO:     --config.grpo.advantage=rloo
 
-Presets: ``demo`` (from the SFT world preset's workdir ``runs/sft-world``, on the
-builtin world's RL prompts -- an RL-only slice of each task, never in the SFT or
-preference data nor in the eval --, exact-answer and refusal rewards; evaluates greedy
-answers on the held-out ``eval`` prompts) and ``test`` (tiny, seconds).
+Presets: ``hf``/``hf_lora`` (from a pretrained checkpoint,
+``--config.model.init_from=hf:<dir>``; ``configs/common.py:hf_preset``), ``demo`` (from
+the SFT world preset's workdir ``runs/sft-world``, on the builtin world's RL prompts --
+an RL-only slice of each task, never in the SFT or preference data nor in the eval --,
+exact-answer and refusal rewards; evaluates greedy answers on the held-out ``eval``
+prompts) and ``test`` (tiny, seconds).
 
 The demo samples 6 × 16 prompts × 8 completions per step and trains on 16 groups,
 those whose rewards differ first (``grpo.oversample=6`` with ``dynamic_sampling``):
@@ -37,7 +39,8 @@ from jaxalign.config import base_config
 
 
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
-    """The GRPO preset ``arg`` (``demo``, ``test``) over the library defaults."""
+    """The GRPO preset ``arg`` (``demo``, ``test``, ``hf``, ``hf_lora``) over the library
+    defaults."""
     config = base_config("grpo")
     prompt_data(config)
     rl_preset(config, arg, demo_steps=100, demo_batch=128, demo_every=25, test_steps=6,
@@ -50,7 +53,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         config.grpo.dynamic_sampling = True
         config.grpo.oversample = 6
         config.optim.learning_rate = 2e-4
-    else:
+    elif arg == "test":
         config.rl.num_samples = 4
     config.lock()
     return config

@@ -1,8 +1,10 @@
 """PPO against a reward model (or verifiable rewards) with a value head and KL control.
 
-Presets: ``demo`` (from the SFT world workdir, rewarded by the RM demo's reward
-model, adaptive KL toward ``ppo.kl_target``; evaluates greedy answers on held-out
-prompts) and ``test`` (tiny, seconds).
+Presets: ``hf``/``hf_lora`` (from a pretrained checkpoint,
+``--config.model.init_from=hf:<dir>``; ``configs/common.py:hf_preset``), ``demo`` (from
+the SFT world workdir, rewarded by the RM demo's reward model, adaptive KL toward
+``ppo.kl_target``; evaluates greedy answers on held-out prompts) and ``test`` (tiny,
+seconds).
 
     python -m launch.train --config=configs/ppo.py:demo --workdir=runs/ppo-demo
     python -m launch.train --config=configs/ppo.py:demo --workdir=runs/ppo-exact \\
@@ -16,7 +18,8 @@ from jaxalign.config import base_config
 
 
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
-    """The PPO preset ``arg`` (``demo``, ``test``) over the library defaults."""
+    """The PPO preset ``arg`` (``demo``, ``test``, ``hf``, ``hf_lora``) over the library
+    defaults."""
     config = base_config("ppo")
     prompt_data(config)
     rl_preset(config, arg, demo_steps=80, demo_batch=64, demo_every=20, test_steps=8,

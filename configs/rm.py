@@ -1,8 +1,10 @@
 """Reward model (Bradley–Terry) on preference pairs.
 
-Presets: ``demo`` (trains on the builtin world's preference pairs and evaluates
-pairwise accuracy on held-out pairs; unlike the DPO demo it starts from scratch,
-not from the SFT demo's workdir) and ``test`` (tiny, from scratch, seconds).
+Presets: ``hf``/``hf_lora`` (from a pretrained checkpoint,
+``--config.model.init_from=hf:<dir>``; ``configs/common.py:hf_preset``), ``demo``
+(trains on the builtin world's preference pairs and evaluates pairwise accuracy on
+held-out pairs; unlike the DPO demo it starts from scratch, not from the SFT demo's
+workdir) and ``test`` (tiny, from scratch, seconds).
 
     python -m launch.train --config=configs/rm.py:demo --workdir=runs/rm-demo
 """
@@ -14,7 +16,8 @@ from jaxalign.config import base_config
 
 
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
-    """The reward-model preset ``arg`` (``demo``, ``test``) over the library defaults."""
+    """The reward-model preset ``arg`` (``demo``, ``test``, ``hf``, ``hf_lora``) over the
+    library defaults."""
     config = base_config("rm")
     preference_data(config)
     # Held-out accuracy hinges on the "correct vs wrong answer" pairs (arithmetic only; the

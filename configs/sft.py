@@ -1,8 +1,10 @@
 """Supervised fine-tuning on prompt/response records.
 
-Presets: ``demo`` (the main job: a ~2M-parameter model learns the embedded
-tasks on a 2-core CPU in a few minutes), ``world`` (the same model on the builtin
-world's demonstrations — tasks, refusals, benign look-alikes, multi-turn chats —
+Presets: ``hf``/``hf_lora`` (a pretrained checkpoint:
+``--config.model.init_from=hf:<dir>`` is the only key to give; see
+``configs/common.py:hf_preset``), ``demo`` (the main job: a ~2M-parameter model learns
+the embedded tasks on a 2-core CPU in a few minutes), ``world`` (the same model on the
+builtin world's demonstrations — tasks, refusals, benign look-alikes, multi-turn chats —
 packed into 128-position rows) and ``test`` (tiny, seconds).
 
     python -m launch.train --config=configs/sft.py:demo --workdir=runs/sft-demo
@@ -19,11 +21,13 @@ Sweeps (``get_sweep``): ``lr`` and ``batch``, e.g.
 
 import ml_collections
 
+from configs.common import HF_PRESETS, hf_preset
 from jaxalign.config import base_config, model_config
 
 
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
-    """The SFT preset ``arg`` (``demo``, ``world``, ``test``) over the library defaults."""
+    """The SFT preset ``arg`` (``demo``, ``world``, ``test``, ``hf``, ``hf_lora``) over the
+    library defaults."""
     config = base_config("sft")
     if arg == "demo":
         config.model = model_config("small")
@@ -51,6 +55,10 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         config.optim.learning_rate = 3e-3
         config.optim.warmup_steps = 50
         config.checkpoint.save_every = 150
+    elif arg in HF_PRESETS:
+        config.data.train = config.data.eval = "builtin:world"
+        config.data.overlong = "truncate_left"
+        hf_preset(config, arg)
     elif arg == "test":
         config.model = model_config("tiny")
         config.train.steps = 30
@@ -65,7 +73,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         config.metrics.peak_flops = 1e11
     else:
         raise ValueError(f"unknown preset {arg!r} for configs/sft.py; known: demo, world, "
-                         "test")
+                         "test, hf, hf_lora")
     config.lock()
     return config
 

@@ -116,7 +116,8 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
         qk_norm=(False, "RMSNorm on queries and keys per head (Qwen3, Gemma 3)"),
         tie_embeddings=(False, "the output layer reuses the embedding table"),
         param_dtype=("float32", "dtype the parameters are stored and updated in"),
-        dtype=("float32", "dtype of the activations and matmuls"),
+        dtype=("float32", "dtype of the activations and matmuls; auto = bfloat16 on GPU/TPU, "
+               "float32 on CPU"),
         init_std=(0.02, "standard deviation of the random initial weights"),
         family=("llama", "Hugging Face architecture an export writes: llama | mistral | "
                 "qwen2 | qwen3 | gemma | gemma2 | gemma3"),
@@ -170,11 +171,17 @@ def data_config() -> ml_collections.ConfigDict:
         "data", "Where records come from and how they become batches (jaxalign.data.loader."
         "DataSettings).",
         train=("builtin:tasks", "training source: builtin:<name> | jsonl:<path or glob> | "
-               "tfds:<name>[/<cfg>][:<ver>]"),
-        eval=("builtin:tasks", "eval source (same forms); \"\" = no eval"),
+               "parquet:<path or glob> | arrow:<save_to_disk dir> | tfds:<name>[/<cfg>][:<ver>]"),
+        eval=("auto", "eval source (same forms); auto = a builtin training source's "
+              "data.eval_split, or a held-out slice of user training records "
+              "(data.eval_fraction; jaxalign.data.holdout); \"\" = no eval"),
+        eval_fraction=(0.05, "data.eval=auto over user records: the seeded fraction held out "
+                       "of training for evaluation (at least 1 record); 0 = no eval"),
+        eval_max_records=(1000, "data.eval=auto over user records: at most this many held "
+                          "out"),
         train_split=("train", "split of the training source"),
         eval_split=("eval", "split of the eval source"),
-        dir=("", "where JSONL conversions and TFDS datasets live; \"\" = "
+        dir=("", "where JSONL/Parquet conversions and TFDS datasets live; \"\" = "
              "~/.cache/jaxalign/datasets, TFDS's own"),
         fields=section(
             "data.fields", "Stage field -> source column renames, e.g. "
@@ -228,8 +235,10 @@ def _run_sections(stage: str) -> dict[str, Any]:
             rules=([list(r) for r in DEFAULT_RULES], "[logical name, mesh axes] pairs, "
                    "first match wins (jaxalign.sharding.DEFAULT_RULES)")),
         model=model_config("tiny"),
-        tokenizer=("builtin:world", "builtin:<name> | SentencePiece model | tokenizer.json | "
-                   "HF directory"),
+        tokenizer=("auto", "auto (the init_from source's: an hf:<dir>'s own, a gguf:<file>'s, "
+                   "an earlier run's for workdir:, builtin:world from scratch; "
+                   "jaxalign.models.lineage) | builtin:<name> | SentencePiece model | "
+                   "tokenizer.json | HF directory"),
         data=data_config(),
     )
 
@@ -253,6 +262,8 @@ def _loop_sections() -> dict[str, ml_collections.ConfigDict]:
             name=("adamw", "optimizer (adamw)"),
             learning_rate=(1e-3, "peak learning rate"),
             warmup_steps=(10, "steps of linear warmup from 0"),
+            warmup_ratio=(0.0, "warmup as a fraction of train.steps; > 0 replaces "
+                          "warmup_steps"),
             schedule=("cosine", "decay after warmup: cosine | linear | constant"),
             final_lr_fraction=(0.1, "the decay ends at learning_rate times this"),
             b1=(0.9, "Adam's first-moment decay"),
@@ -545,13 +556,13 @@ _INT_MIN = {"train.steps": 1, "train.batch_size": 1, "train.micro_batches": 1,
             "train.log_every": 1, "train.eval_every": 1, "train.eval_batches": 0,
             "data.max_len": 1, "data.max_prompt_len": 0, "data.eval_batch_size": 1,
             "data.pack_window": 1, "data.num_workers": 0, "data.seed": 0,
-            "data.group_by_length": 0,
+            "data.group_by_length": 0, "data.eval_max_records": 0,
             "checkpoint.save_every": 1, "checkpoint.keep": 0, "optim.warmup_steps": 0,
             **{f"model.{k}": 1 for k in MODEL_PRESETS["tiny"]}}
 # Non-negative numbers (an infinite learning rate stays possible, for NaN-guard tests).
 _NON_NEGATIVE = ("optim.learning_rate", "optim.final_lr_fraction", "optim.b1", "optim.b2",
                  "optim.eps", "optim.weight_decay", "optim.grad_clip_norm",
-                 "metrics.peak_flops")
+                 "metrics.peak_flops", "optim.warmup_ratio", "data.eval_fraction")
 
 
 def _unknown_keys(have: Any, want: Any, prefix: str) -> list[str]:

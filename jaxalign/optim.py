@@ -12,10 +12,14 @@ import optax
 def make_schedule(cfg: Mapping[str, Any], total_steps: int) -> Callable[[Any], Any]:
     """Linear warmup to ``cfg.learning_rate`` then cosine/linear/constant decay.
 
-    Decay ends at ``learning_rate * final_lr_fraction`` on ``total_steps``.
+    Decay ends at ``learning_rate * final_lr_fraction`` on ``total_steps``. Warmup lasts
+    ``warmup_steps``, or ``round(warmup_ratio * total_steps)`` when the ratio is set.
     """
     peak = float(cfg["learning_rate"])
-    warmup = int(cfg["warmup_steps"])
+    ratio = float(cfg.get("warmup_ratio", 0.0))
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"optim.warmup_ratio={ratio}; expected a fraction in [0, 1)")
+    warmup = round(ratio * total_steps) if ratio else int(cfg["warmup_steps"])
     end = peak * float(cfg["final_lr_fraction"])
     decay_steps = max(total_steps - warmup, 1)
     kind = cfg["schedule"]

@@ -26,7 +26,7 @@ from jaxalign import step as step_lib
 from jaxalign.algos.base import BatchSource, Loader, RunContext
 from jaxalign.checkpoint import Checkpointer, abstract_with_shardings
 from jaxalign.config import check_config, to_json
-from jaxalign.data import packing
+from jaxalign.data import holdout, packing
 from jaxalign.data.tokenizer import check_vocab, load_tokenizer
 from jaxalign.mesh import barrier, make_mesh, maybe_initialize_distributed
 from jaxalign.metrics import (
@@ -37,7 +37,7 @@ from jaxalign.metrics import (
     peak_flops_probe,
     to_python,
 )
-from jaxalign.models import init_from, lora
+from jaxalign.models import init_from, lineage, lora
 from jaxalign.models.transformer import Transformer, TransformerConfig
 from jaxalign.optim import make_optimizer
 from jaxalign.precompute import PrecomputedColumns
@@ -150,6 +150,19 @@ def state_layout(config: ml_collections.ConfigDict, model_cfg: TransformerConfig
     return model_def, abstract_state, shardings, init_fn
 
 
+def _log_eval_source(data: Any, eval_data: Any) -> None:
+    """One line saying what a run over user records evaluates on under ``data.eval=auto``."""
+    if data.eval != holdout.AUTO or data.train.startswith("builtin:"):
+        return
+    if eval_data is None:
+        logging.warning("data.eval=auto and data.eval_fraction=%g: no evaluation (name a source "
+                        "with data.eval=<source>)", data.eval_fraction)
+        return
+    logging.warning("data.eval=auto: evaluating on %s records held out of %s (data.eval_fraction"
+                    "=%g, seed %d), training on the rest", getattr(eval_data, "num_records", "?"),
+                    data.train, data.eval_fraction, data.seed)
+
+
 def _width(batch: Mapping[str, Any]) -> int:
     """The padded row width of a batch (its widest ``[rows, positions]`` array)."""
     return max((v.shape[1] for v in batch.values() if getattr(v, "ndim", 0) == 2), default=0)
@@ -213,8 +226,9 @@ class Trainer:
         check_batch_layout(config, self.mesh)
         self.stage = algos.get_stage(config.stage)
         self.stage.check_config(config)  # stage options fail before any data or model work
-        # An hf:/workdir: source dictates the architecture (changed keys are logged).
-        self.config = config = init_from.resolve_config(config)
+        # An hf:/workdir: source dictates the architecture (changed keys are logged) and, under
+        # tokenizer=auto, the tokenizer.
+        self.config = config = lineage.resolve_tokenizer(init_from.resolve_config(config))
         self.model_cfg = TransformerConfig.from_mapping(config.model)
         if config.train.nonfinite not in ("stop", "skip"):
             raise ValueError(f"train.nonfinite={config.train.nonfinite!r}; expected stop or skip")
@@ -229,7 +243,8 @@ class Trainer:
         pinfo = dict(process_index=jax.process_index(), process_count=jax.process_count())
         self.train_data = self.stage.build_data(config, self.tokenizer, "train", **pinfo)
         self.eval_data = (self.stage.build_data(config, self.tokenizer, "eval", **pinfo)
-                          if config.data.eval else None)
+                          if holdout.has_eval(config.data) else None)
+        _log_eval_source(config.data, self.eval_data)
         self.rules = shd.rules_from_config(config.sharding.rules)
         self.tx, self.schedule = make_optimizer(config.optim, config.train.steps)
         self._build_state_layout()

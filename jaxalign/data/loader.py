@@ -47,7 +47,7 @@ import grain
 import numpy as np
 from absl import flags, logging
 
-from jaxalign.data import buckets, packing
+from jaxalign.data import buckets, holdout, packing
 from jaxalign.data.encode import BAD_RECORD_POLICIES, Encoder, Example
 from jaxalign.data.records import FORMATS, Location, RecordError, validate
 from jaxalign.data.sources import ListSource, RecordSource, open_source
@@ -61,7 +61,7 @@ class DataSettings:
     """Everything the loader reads from ``config.data`` (plus the batch size).
 
     Attributes:
-      source: the source string (``builtin:``, ``jsonl:``, ``tfds:``).
+      source: the source string (``builtin:``, ``jsonl:``, ``parquet:``, ``arrow:``, ``tfds:``).
       split: the split to read.
       fmt: the record format (``sft``, ``preference``, ``unpaired``, ``prompt``).
       batch_size: rows per global batch (all processes together).
@@ -82,6 +82,9 @@ class DataSettings:
       loss_index: training batches carry the loss-bearing positions of each row
         (``packing.with_loss_index``; SFT and preference formats), for stages that take
         log-probs only there.
+      holdout: ``train`` or ``eval``: read that side of a held-out split of the source
+        (``holdout.split``); ``""`` = every record.
+      eval_fraction, eval_max_records: the size of the held-out slice.
     """
 
     source: str
@@ -103,6 +106,9 @@ class DataSettings:
     buckets: str = "pow2"
     group_by_length: int = 0
     loss_index: bool = False
+    holdout: str = ""
+    eval_fraction: float = 0.0
+    eval_max_records: int = 0
 
     @classmethod
     def from_config(cls, data: Any, split: str, fmt: str, batch_size: int) -> DataSettings:
@@ -110,9 +116,15 @@ class DataSettings:
         if split not in ("train", "eval"):
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
         train = split == "train"
+        source, src_split, side = data.train, data.train_split, ""
+        if holdout.uses_holdout(data):
+            side = split
+        elif not train:
+            auto = data.eval == holdout.AUTO
+            source, src_split = (data.train if auto else data.eval), data.eval_split
         return cls(
-            source=data.train if train else data.eval,
-            split=data.train_split if train else data.eval_split,
+            source=source, split=src_split, holdout=side,
+            eval_fraction=data.eval_fraction, eval_max_records=data.eval_max_records,
             fmt=fmt, batch_size=batch_size, max_len=data.max_len,
             max_prompt_len=data.max_prompt_len, data_dir=data.dir,
             fields={k: v for k, v in dict(data.fields).items() if v},
@@ -475,6 +487,9 @@ class Loader:
         self.local_batch_size = s.batch_size // process_count
         self.source = (ListSource(records, s.source) if records is not None
                        else open_source(s.source, s.split, data_dir=s.data_dir, fields=s.fields))
+        if s.holdout:
+            self.source = holdout.split(self.source, s.holdout, s.eval_fraction,
+                                        s.eval_max_records, s.seed)
         self.encoder = Encoder(s.fmt, tokenizer, template=s.chat_template, max_len=s.max_len,
                                max_prompt_len=s.max_prompt_len, overlong=s.overlong,
                                on_bad_record=s.on_bad_record)

@@ -9,6 +9,9 @@
   is reported (or skipped) at validation time with its exact location.
 * ``tfds:<name>[/<config>][:<version>]`` — a TFDS dataset prepared (as array_record)
   in the data directory, or buildable there without downloads.
+* ``parquet:<path, glob or directory>`` and ``arrow:<dir>`` (a ``datasets``
+  ``save_to_disk`` directory) — columnar sources (``jaxalign.data.columnar``), read as
+  memory-mapped Arrow with random access; Parquet is converted once, like JSONL.
 
 No reader needs TensorFlow: TFDS's array_record path (building, ``builder``,
 ``as_data_source``) works without it. A field mapping (``config.data.fields``, e.g.
@@ -184,8 +187,9 @@ def _quiet_tfds() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    # Serialises conversion between processes sharing a data directory.
+def file_lock(path: Path) -> Iterator[None]:
+    """Holds an exclusive lock on ``path``: serialises conversions between processes
+    sharing a data directory."""
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -277,7 +281,7 @@ class JsonlSource:
         name = f"jsonl_{key}_{digest}"
         root = Path(os.path.expanduser(data_dir or DEFAULT_DATA_DIR))
         self.directory = root / name / _JSONL_VERSION
-        with _file_lock(root / f"jsonl_{key}.lock"):
+        with file_lock(root / f"jsonl_{key}.lock"):
             if not (self.directory / "dataset_info.json").is_file():
                 if not any(_has_record(path) for path in self.files):
                     # TFDS would fail deep inside its writer ("No examples were yielded").
@@ -390,17 +394,33 @@ def _open_tfds(rest: str, split: str, data_dir: str) -> RecordSource:
     return TfdsSource(rest, split, data_dir)
 
 
+def _open_parquet(rest: str, split: str, data_dir: str) -> RecordSource:
+    del split  # a Parquet source is one split: its files
+    from jaxalign.data.columnar import ParquetSource  # imports pyarrow
+
+    return ParquetSource(rest, data_dir)
+
+
+def _open_arrow(rest: str, split: str, data_dir: str) -> RecordSource:
+    del data_dir  # read in place
+    from jaxalign.data.columnar import SavedDatasetSource  # imports pyarrow
+
+    return SavedDatasetSource(rest, split)
+
+
 # scheme -> opener(rest_of_source, split, data_dir) -> source.
 _OPENERS: dict[str, Callable[[str, str, str], RecordSource]] = {
     "builtin": _open_builtin,
     "jsonl": _open_jsonl,
     "tfds": _open_tfds,
+    "parquet": _open_parquet,
+    "arrow": _open_arrow,
 }
 
 
 def supported_schemes() -> list[str]:
-    """Returns the source schemes understood, e.g. ``["builtin", "jsonl", "tfds"]``."""
-    return sorted(_OPENERS)
+    """Returns the source schemes understood, in the order documented (``builtin`` first)."""
+    return list(_OPENERS)
 
 
 def open_source(source: str, split: str, *, data_dir: str = "",
@@ -408,12 +428,15 @@ def open_source(source: str, split: str, *, data_dir: str = "",
     """Opens one split of a source for random access.
 
     Args:
-      source: ``builtin:<name>``, ``jsonl:<path or glob>`` or
-        ``tfds:<name>[/<config>][:<version>]``.
-      split: the split (``train``, ``eval``, ...); a JSONL source ignores it (its files
-        are its only split) and TFDS accepts slices such as ``train[:5%]``.
-      data_dir: where JSONL conversions and TFDS datasets live (default:
-        ``~/.cache/jaxalign/datasets`` for JSONL, TFDS's own default for ``tfds:``).
+      source: ``builtin:<name>``, ``jsonl:<path or glob>``,
+        ``tfds:<name>[/<config>][:<version>]``, ``parquet:<path, glob or directory>``
+        or ``arrow:<save_to_disk directory>``.
+      split: the split (``train``, ``eval``, ...); JSONL and Parquet sources ignore it
+        (their files are their only split), so does an ``arrow:`` directory of one
+        ``Dataset`` (a ``DatasetDict`` directory has one per split), and TFDS accepts
+        slices such as ``train[:5%]``.
+      data_dir: where JSONL and Parquet conversions and TFDS datasets live (default:
+        ``~/.cache/jaxalign/datasets`` for conversions, TFDS's own default for ``tfds:``).
       fields: stage field name -> source column (dots reach into nested features).
 
     Raises:

@@ -67,7 +67,7 @@ from jaxalign.jobs.rejection_data import (
 )
 from jaxalign.mesh import make_mesh, maybe_initialize_distributed
 from jaxalign.metrics import MetricsWriter, Progress
-from jaxalign.models import init_from
+from jaxalign.models import init_from, lineage
 from jaxalign.models.transformer import TransformerConfig
 from jaxalign.train import train
 
@@ -122,12 +122,12 @@ class Generator:
         self.config = config
         self.mesh = mesh
         self.rules = shd.rules_from_config(config.sharding.rules)
-        resolved = init_from.resolve_config(config)
+        resolved = lineage.resolve_tokenizer(init_from.resolve_config(config))
         # A LoRA source comes back merged (the loader), so sampling needs no adapters.
         self.model_cfg = dataclasses.replace(TransformerConfig.from_mapping(resolved.model),
                                              lora=None)
         self.model_def = policy.abstract_model(self.model_cfg)
-        self.tokenizer = load_tokenizer(config.tokenizer)
+        self.tokenizer = load_tokenizer(resolved.tokenizer)
         check_vocab(self.tokenizer, self.model_cfg.vocab_size)
         self.eos_id, self.pad_id = self.tokenizer.eos_id, self.tokenizer.pad_id or 0
         rj = config.rejection
