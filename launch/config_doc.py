@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags
+from absl import flags
 
 from jaxalign.config_reference import count_keys, render
-from launch import start
+from launch import run, start
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "docs", "config.md")
@@ -29,4 +29,4 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     # Defined only when run: other entry points define an --out flag of their own.
     flags.DEFINE_string("out", DEFAULT_OUT, "Where to write the Markdown reference.")
-    app.run(main)
+    run(main)

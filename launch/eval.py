@@ -17,7 +17,7 @@ import sys
 from absl import app, flags
 
 from jaxalign.evals import report as eval_report
-from launch import config_flag, start
+from launch import config_flag, run, start
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "evals.py") + ":default"
@@ -60,4 +60,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

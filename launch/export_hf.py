@@ -10,7 +10,7 @@ import re
 from absl import app, flags
 
 from jaxalign.models.export import export_workdir
-from launch import start
+from launch import run, start
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json + checkpoints/).")
 _OUT = flags.DEFINE_string("out", None, "Output directory for the Hugging Face checkpoint.")
@@ -42,7 +42,7 @@ def main(argv):
 
 def run_main():
     """Console-script entry point (``jaxalign-export-hf``)."""
-    app.run(main)
+    run(main)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,10 @@ Prints the final before/after table and writes ``WORKDIR/report.md`` and
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from jaxalign.jobs.pipeline import GateFailed, Pipeline, render_table
-from launch import config_flag, start
+from launch import config_flag, run, start
 
 _CONFIG = config_flag("Pipeline config file[:preset].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Root directory; stage i runs in "
@@ -37,7 +37,7 @@ def main(argv):
 
 
 def run_main():
-    app.run(main)
+    run(main)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,10 @@ throughput, ...) with the runs overlaid, labelled by their workdir basenames.
 ``--out`` defaults to ``DIR/plots`` for one run and ``<common parent>/plots`` for several.
 """
 
-from absl import app, flags
+from absl import flags
 
 from jaxalign.plots import default_out, plot_runs
-from launch import start
+from launch import run, start
 
 _WORKDIR = flags.DEFINE_multi_string("workdir", None, "Run directory; repeat to compare runs.")
 _OUT = flags.DEFINE_string("out", None, "Output directory for the PNGs.")
@@ -23,4 +23,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

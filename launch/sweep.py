@@ -16,12 +16,12 @@ import os
 import sys
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from jaxalign.config import apply_overrides
 from jaxalign.jobs import sweep
-from launch import config_flag, start
+from launch import config_flag, run, start
 
 _CONFIG = config_flag("Stage config file[:preset].")
 _SWEEP = flags.DEFINE_string("sweep", None, "Sweep name passed to the config's get_sweep.")
@@ -70,4 +70,4 @@ def report(results, root: str) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

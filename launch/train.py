@@ -3,10 +3,10 @@
 Override any config value with ``--config.<key>=<value>``; unknown keys are errors.
 """
 
-from absl import app, flags
+from absl import flags
 
 from jaxalign.jobs import run_stage
-from launch import config_flag, start
+from launch import config_flag, run, start
 
 _CONFIG = config_flag("Stage config file[:preset].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config, metrics, checkpoints).")
@@ -28,7 +28,7 @@ def main(argv):
 
 def run_main():
     """Console-script entry point (``jaxalign-train``)."""
-    app.run(main)
+    run(main)
 
 
 if __name__ == "__main__":
