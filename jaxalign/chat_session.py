@@ -11,8 +11,9 @@
 * :func:`reply_jsonl`: JSONL records (``prompt`` or ``messages``) -> the same records
   with a ``reply``, written a batch at a time.
 
-The sampler runs prefill and the whole decode loop in one jitted call, so a reply is
-shown once it is complete rather than token by token.
+The sampler runs prefill and the whole decode loop in one jitted call; a session with a
+``stream`` shows each reply as it is generated through the sampler's ``on_token`` host
+callback (:class:`TokenStream`).
 """
 
 from __future__ import annotations
@@ -183,15 +184,60 @@ def replies(model: ChatModel, conversations: Sequence[Messages], cfg: sampling.S
         yield start, [_reply(model, g[0]) for g in groups]
 
 
+class TokenStream:
+    """Writes a reply to ``out`` while the sampler generates it (the sampler's ``on_token``).
+
+    Only the first row is shown. Ids are decoded as a whole each step, so a character
+    made of several ids appears once complete; the stop id is not shown.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop_ids: Sequence[int], out: TextIO):
+        self.tokenizer, self.stop_ids, self.out = tokenizer, set(stop_ids), out
+        self.start()
+
+    def start(self) -> None:
+        """Forgets the previous reply."""
+        self.ids: dict[int, int] = {}
+        self.shown = ""
+
+    def _write(self, text: str) -> None:
+        if text.startswith(self.shown) and len(text) > len(self.shown):
+            self.out.write(text[len(self.shown):])
+            self.out.flush()
+            self.shown = text
+
+    def __call__(self, i: Any, tokens_b: Any, alive_b: Any) -> None:
+        if not bool(alive_b[0]):
+            return
+        self.ids[int(i)] = int(tokens_b[0])
+        content = []
+        while len(content) in self.ids and self.ids[len(content)] not in self.stop_ids:
+            content.append(self.ids[len(content)])
+        text = self.tokenizer.decode(content)
+        if not text.endswith("\ufffd"):  # not in the middle of a multi-id character
+            self._write(text)
+
+    def finish(self, reply: str) -> None:
+        """Writes whatever of ``reply`` is not shown yet, then a newline."""
+        self._write(reply)
+        self.out.write("\n")
+        self.out.flush()
+
+
 class ChatSession:
     """A conversation with a model; each turn samples with ``fold_in(key(seed), turn)``.
 
     When the conversation outgrows the model's context, the oldest exchanges are left
-    out of the prompt (``dropped`` counts them).
+    out of the prompt (``dropped`` counts them). With ``stream``, each reply is written
+    there as it is generated (:class:`TokenStream`) as well as returned.
     """
 
     def __init__(self, model: ChatModel, cfg: sampling.SamplingConfig, *,
-                 system: str | None = None, seed: int = 0):
+                 system: str | None = None, seed: int = 0, stream: TextIO | None = None):
+        self.stream = (None if stream is None
+                       else TokenStream(model.tokenizer, model.stop_ids, stream))
+        if self.stream is not None:
+            cfg = dataclasses.replace(cfg, on_token=self.stream)
         self.model, self.cfg, self.system = model, cfg, system
         self.key = jax.random.PRNGKey(seed)
         self.messages: list[dict[str, str]] = []
@@ -218,8 +264,12 @@ class ChatSession:
         """The model's reply to ``user``; both join the history."""
         self._fit(user)
         rng = jax.random.fold_in(self.key, self.turn)
+        if self.stream is not None:
+            self.stream.start()
         _, (reply,) = next(replies(self.model, [self.conversation(user)], self.cfg, rng,
                                    batch_size=1))
+        if self.stream is not None:
+            self.stream.finish(reply.text)
         self.messages += [{"role": "user", "content": user},
                           {"role": "assistant", "content": reply.text}]
         self.turn += 1
@@ -267,8 +317,9 @@ def interact(session: ChatSession, inp: TextIO, out: TextIO, notes: TextIO, *,
         if session.dropped > dropped:
             notes.write(f"(the oldest {session.dropped - dropped} exchange(s) no longer fit "
                         "the context and were left out)\n")
-        out.write(reply.text + "\n")
-        out.flush()
+        if session.stream is None:  # a streaming session has written it already
+            out.write(reply.text + "\n")
+            out.flush()
         if not reply.stopped:
             notes.write(f"(reply cut at max_new_tokens={session.cfg.max_new_tokens})\n")
         shown += 1

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import io_callback
 from jax.sharding import Mesh
 
 from jaxalign import sharding as shd
@@ -44,6 +45,10 @@ class SamplingConfig:
       stop_tokens: ids that end a row (e.g. eos); the stop token is emitted.
       num_samples: G completions per prompt; rows are prompt-major (p * G + g).
       pad_id: fills ``tokens_bn`` after a row ends.
+      on_token: streaming: called on the host as ``on_token(i, tokens_b, alive_b)`` with
+        the ids sampled at step ``i`` and which rows were still generating (numpy arrays),
+        once per step, while the jitted loop runs. Calls may arrive out of order (``i``
+        says where each belongs). None (the default) compiles no callback.
     """
 
     max_new_tokens: int
@@ -53,6 +58,7 @@ class SamplingConfig:
     stop_tokens: tuple[int, ...] = ()
     num_samples: int = 1
     pad_id: int = 0
+    on_token: Callable[[Any, Any, Any], None] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "stop_tokens", tuple(int(x) for x in self.stop_tokens))
@@ -136,6 +142,12 @@ def _is_stop(tok_b: jax.Array, stop_tokens: tuple[int, ...]) -> jax.Array:
     return jnp.isin(tok_b, jnp.asarray(stop_tokens, jnp.int32))
 
 
+def _stream(cfg: SamplingConfig, i: jax.Array, tok_b: jax.Array, alive_b: jax.Array) -> None:
+    """Hands step ``i``'s ids to ``cfg.on_token`` on the host (nothing when it is None)."""
+    if cfg.on_token is not None:
+        io_callback(cfg.on_token, None, i, tok_b, alive_b, ordered=False)
+
+
 def generate(model: nnx.Module, prompt_tokens_bt: jax.Array, prompt_mask_bt: jax.Array,
              rng: jax.Array, cfg: SamplingConfig) -> SampleOut:
     """Samples completions of left-padded prompts (traceable; jit it or use make_sampler).
@@ -179,6 +191,7 @@ def generate(model: nnx.Module, prompt_tokens_bt: jax.Array, prompt_mask_bt: jax
     logps_bn = jnp.zeros((rows, n), jnp.float32).at[:, 0].set(logp_b)
     done_b = _is_stop(tok_b, cfg.stop_tokens)
     lengths_b = jnp.ones((rows,), jnp.int32)
+    _stream(cfg, jnp.asarray(0, jnp.int32), tok_b, jnp.ones((rows,), bool))
 
     def cond(carry):
         i, _, _, _, _, done_b, _ = carry
@@ -195,6 +208,7 @@ def generate(model: nnx.Module, prompt_tokens_bt: jax.Array, prompt_mask_bt: jax
         logp_b = jnp.where(alive_b, logp_b, 0.0)
         tokens_bn = jax.lax.dynamic_update_slice_in_dim(tokens_bn, new_b[:, None], i, axis=1)
         logps_bn = jax.lax.dynamic_update_slice_in_dim(logps_bn, logp_b[:, None], i, axis=1)
+        _stream(cfg, i, new_b, alive_b)
         done_b = done_b | (alive_b & _is_stop(new_b, cfg.stop_tokens))
         lengths_b = lengths_b + alive_b.astype(jnp.int32)
         return i + 1, new_b, cache, tokens_bn, logps_bn, done_b, lengths_b

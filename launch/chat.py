@@ -9,8 +9,8 @@
 
 Prompts are rendered with the checkpoint's chat template (a run's ``data.chat_template``
 and tokenizer; an HF directory's own). Interactively, every turn re-encodes the whole
-conversation; ``/reset`` forgets it, ``/exit`` or the end of input quits. A reply is
-printed once it is complete. ``--prompts`` reads JSONL records holding ``prompt`` (a
+conversation; ``/reset`` forgets it, ``/exit`` or the end of input quits. Replies (and
+``--prompt``'s) stream to stdout as they are generated. ``--prompts`` reads JSONL records holding ``prompt`` (a
 string) or ``messages`` (a chat list) and writes each with a ``reply`` to ``--out``
 (``-``: stdout), ``--batch_size`` prompts per sampler call.
 """
@@ -67,9 +67,11 @@ def main(argv):
                                          batch_size=_BATCH.value, system=_SYSTEM.value)
         print(f"wrote {n} replies to {_OUT.value}", file=sys.stderr)
         return
-    session = chat_session.ChatSession(model, cfg, system=_SYSTEM.value, seed=_SEED.value)
+    # Replies stream to stdout as the sampler generates them.
+    session = chat_session.ChatSession(model, cfg, system=_SYSTEM.value, seed=_SEED.value,
+                                       stream=sys.stdout)
     if _PROMPT.value is not None:
-        print(session.send(_PROMPT.value).text)
+        session.send(_PROMPT.value)
         return
     print(f"chatting with {model.name} (template {model.template.name}); /reset forgets the "
           "conversation, /exit quits", file=sys.stderr)

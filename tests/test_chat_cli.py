@@ -165,6 +165,43 @@ def test_interact_commands(model):
     assert session.messages[0]["content"] == "Hello!" and len(session.messages) == 2
 
 
+class _Chunks:
+    """A text sink that records each write (one per streamed step, at most)."""
+
+    def __init__(self):
+        self.chunks = []
+
+    def write(self, text):
+        self.chunks.append(text)
+
+    def flush(self):
+        pass
+
+
+def test_streamed_reply_arrives_in_steps_and_equals_the_reply(model):
+    cfg = model.sampling_config(max_new_tokens=12, temperature=0.0)
+    sink = _Chunks()
+    streamed = chat_session.ChatSession(model, cfg, stream=sink)
+    reply = streamed.send("What is 2 + 2?")
+    plain = chat_session.ChatSession(model, cfg).send("What is 2 + 2?")
+    assert reply.ids == plain.ids  # the callback changes nothing the sampler computes
+    assert "".join(sink.chunks) == reply.text + "\n"
+    # Written while decoding: one chunk per step that added text, then the newline.
+    assert len(sink.chunks) > 2 and sink.chunks[-1] == "\n"
+    n = chat_session.interact(streamed, _Lines("Hi\n/exit\n"), sink, _Chunks())
+    assert n == 1 and "".join(sink.chunks).endswith(streamed.messages[-1]["content"] + "\n")
+
+
+def test_token_stream_waits_for_whole_characters_and_hides_the_stop_id(model):
+    tok = model.tokenizer
+    ids = tok.encode("Ünï") + [model.stop_ids[0]]
+    sink = _Chunks()
+    stream = chat_session.TokenStream(tok, model.stop_ids, sink)
+    for i, t in reversed(list(enumerate(ids))):  # out of order: shown once contiguous
+        stream(i, np.asarray([t]), np.asarray([True]))
+    assert "".join(sink.chunks) == "Ünï" and "\ufffd" not in "".join(sink.chunks)
+
+
 @pytest.mark.slow
 def test_workdir_uses_the_runs_tokenizer_and_template(tmp_path):
     from jaxalign.train import train
