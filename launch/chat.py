@@ -10,9 +10,9 @@
 Prompts are rendered with the checkpoint's chat template (a run's ``data.chat_template``
 and tokenizer; an HF directory's own). Interactively, every turn re-encodes the whole
 conversation; ``/reset`` forgets it, ``/exit`` or the end of input quits. Replies (and
-``--prompt``'s) stream to stdout as they are generated. ``--prompts`` reads JSONL records holding ``prompt`` (a
-string) or ``messages`` (a chat list) and writes each with a ``reply`` to ``--out``
-(``-``: stdout), ``--batch_size`` prompts per sampler call.
+``--prompt``'s) stream to stdout as they are generated. ``--prompts`` reads JSONL records
+holding ``prompt`` (a string) or ``messages`` (a chat list) and writes each with a
+``reply`` to ``--out`` (``-``: stdout), ``--batch_size`` prompts per sampler call.
 """
 
 import sys
