@@ -158,8 +158,9 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
         scan_layers=(False, "one lax.scan over the blocks (compile one layer)"),
         logits_chunk=(0, "> 0: log-probs this many positions at a time, never holding the "
                       "[b, t, vocab] logits; 0 = whole sequence"),
-        init_from=("scratch", "initial weights: scratch | hf:<dir> | workdir:<dir> (the "
-                   "latest checkpoint of an earlier run; jaxalign.models.init_from)"),
+        init_from=("scratch", "initial weights: scratch | hf:<dir> | gguf:<file> (llama.cpp; "
+                   "dequantised) | workdir:<dir> (the latest checkpoint of an earlier run; "
+                   "jaxalign.models.init_from)"),
     )
     m.update({k: v for k, v in RELEASED.get(preset, {}).items() if k not in MODEL_PRESETS["tiny"]})
     return m

@@ -76,8 +76,8 @@ def _read(spec: str, model_cfg: TransformerConfig, abstract_params: Any, shardin
     kind, path = init_from.parse(spec)
     if kind == "scratch":
         return None
-    if kind == "hf" or (merge_lora and partial):
-        # The trainer's own reader: HF tensors, or a workdir's params that the model has
+    if kind in ("hf", "gguf") or (merge_lora and partial):
+        # The trainer's own reader: HF or GGUF tensors, or a workdir's params that the model has
         # (logging what the source lacks).
         return init_from.load_params(spec, model_cfg, abstract_params, shardings)
     restore = init_from.restore_merged_params if merge_lora else init_from.restore_workdir_params
@@ -91,8 +91,8 @@ def load_model(spec: str, model_cfg: TransformerConfig, *, mesh: Mesh | None = N
     """The one loader: the params ``spec`` names, as ``module(model_cfg)``'s, on a mesh.
 
     Args:
-      spec: ``scratch``, ``hf:<dir>`` or ``workdir:<DIR>`` (the latest checkpoint), as
-        ``model.init_from``.
+      spec: ``scratch``, ``hf:<dir>``, ``gguf:<file>`` or ``workdir:<DIR>`` (the latest
+        checkpoint), as ``model.init_from``.
       model_cfg: the architecture (e.g. the run's ``config.json`` model section).
       mesh: where the params live; None puts them on one device.
       rules: logical axis rules (default ``DEFAULT_RULES``).

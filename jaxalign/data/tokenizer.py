@@ -3,6 +3,8 @@
 ``load_tokenizer`` resolves a spec string:
 
 * ``builtin:<name>`` — a model shipped in this package's ``assets/`` folder;
+* ``gguf:<file>`` — the vocabulary and chat template inside a GGUF checkpoint
+  (:mod:`jaxalign.models.gguf_tokenizer`);
 * a directory in the Hugging Face layout — ``tokenizer.json`` (preferred) or
   ``tokenizer.model``, plus ``tokenizer_config.json`` for the bos/eos/pad tokens and the
   ``chat_template`` (also read from ``chat_template.jinja`` / ``chat_template.json``);
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 _BUILTIN_SCHEME = "builtin:"
+_GGUF_SCHEME = "gguf:"
 # Builtin tokenizer name -> asset file; every builtin dataset shares the world model.
 BUILTIN_TOKENIZERS = {"world": "world.model", "tasks": "world.model"}
 CONFIG_FILE = "tokenizer_config.json"
@@ -404,8 +407,9 @@ def load_tokenizer(spec: str) -> Tokenizer:
 
     Args:
       spec: ``"builtin:<name>"`` for a model shipped with jaxalign (e.g.
-        ``"builtin:world"``), a Hugging Face tokenizer directory, a ``tokenizer.json``, or
-        a SentencePiece model file.
+        ``"builtin:world"``), ``"gguf:<file>"`` for the vocabulary of a GGUF checkpoint,
+        a Hugging Face tokenizer directory, a ``tokenizer.json``, or a SentencePiece
+        model file.
 
     Returns:
       The tokenizer; ``chat_template`` is set when the directory (or the
@@ -417,6 +421,11 @@ def load_tokenizer(spec: str) -> Tokenizer:
     """
     if spec.startswith(_BUILTIN_SCHEME):
         return _load_builtin(spec[len(_BUILTIN_SCHEME) :])
+    if spec.startswith(_GGUF_SCHEME):
+        # Imported on use: a GGUF vocabulary is read from a model checkpoint.
+        from jaxalign.models import gguf_tokenizer
+
+        return gguf_tokenizer.load_tokenizer(os.path.expanduser(spec[len(_GGUF_SCHEME) :]))
     path = Path(spec)
     if path.is_dir():
         return _load_directory(path)

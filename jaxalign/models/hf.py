@@ -17,7 +17,7 @@ import importlib.resources
 import json
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -41,6 +41,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
                    "chat_template.jinja", "chat_template.json")
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+# A tokenizer spec naming the vocabulary inside a GGUF checkpoint.
+GGUF_PREFIX = "gguf:"
 _DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
@@ -109,30 +111,44 @@ def load_params(path: str, cfg: TransformerConfig, shardings: Any) -> dict[str, 
     if ignored:
         logging.info("%s: not loading %d tensor(s) that are not parameters: %s", path,
                      len(ignored), ", ".join(ignored[:4]))
-    target = jnp.dtype(cfg.param_dtype)
     handles = hf_weights.OpenFiles()
-    params: dict[str, Any] = {}
     try:
-        for m in maps:
-            try:
-                sharding = hf_weights.get_path(shardings, m.path)
-            except KeyError:
-                continue  # the run's model has no such parameter (a reward model's unembedding)
-            sl = handles.slice(files[m.name], m.name)
-            cache: dict[tuple, np.ndarray] = {}
-
-            def read(index, m=m, sl=sl, cache=cache):
-                key = tuple((s.start, s.stop) for s in index)
-                # Replicated shards ask for the same block once per device: read it once.
-                if key not in cache:
-                    cache[key] = m.read(sl, index).astype(target)
-                return cache[key]
-
-            hf_weights.set_path(params, m.path,
-                                jax.make_array_from_callback(m.shape, sharding, read))
-            cache.clear()
+        return place_params(maps, shardings, lambda m: handles.slice(files[m.name], m.name),
+                            cfg.param_dtype)
     finally:
         handles.close()
+
+
+def place_params(maps: list[hf_weights.TensorMap], shardings: Any,
+                 open_slice: Callable[[hf_weights.TensorMap], Any], dtype: Any) -> dict[str, Any]:
+    """Builds each parameter as a sharded array whose shards are read straight from a source.
+
+    Args:
+      maps: the parameters and their HF layouts.
+      shardings: a pure-dict tree of shardings; parameters it lacks are skipped.
+      open_slice: the HF tensor of a map as an object whose ``[slices]`` reads part of it
+        (a safetensors slice, or a dequantising view of a GGUF tensor).
+      dtype: dtype of the returned arrays.
+    """
+    target = jnp.dtype(dtype)
+    params: dict[str, Any] = {}
+    for m in maps:
+        try:
+            sharding = hf_weights.get_path(shardings, m.path)
+        except KeyError:
+            continue  # the run's model has no such parameter (a reward model's unembedding)
+        sl = open_slice(m)
+        cache: dict[tuple, np.ndarray] = {}
+
+        def read(index, m=m, sl=sl, cache=cache):
+            key = tuple((s.start, s.stop) for s in index)
+            # Replicated shards ask for the same block once per device: read it once.
+            if key not in cache:
+                cache[key] = m.read(sl, index).astype(target)
+            return cache[key]
+
+        hf_weights.set_path(params, m.path, jax.make_array_from_callback(m.shape, sharding, read))
+        cache.clear()
     return params
 
 
@@ -245,8 +261,9 @@ def save_pretrained(params: Mapping[str, Any], cfg: TransformerConfig, out: str,
       max_shard_bytes: above this the weights are split into several files + an index.
       source_dir: the HF directory the model came from: its token ids and generation
         config are carried over, and its tokenizer files unless ``tokenizer`` is given.
-      tokenizer: the tokenizer to ship (``builtin:<name>``, a SentencePiece ``.model``
-        file or an HF directory); it takes precedence over ``source_dir``'s.
+      tokenizer: the tokenizer to ship (``builtin:<name>``, ``gguf:<file>``, a
+        SentencePiece ``.model`` file or an HF directory); it takes precedence over
+        ``source_dir``'s.
 
     Returns:
       The names of the files written.
@@ -305,9 +322,16 @@ def _write_generation_config(source_dir: str | None, out: str, hf: Mapping[str, 
 def _write_tokenizer(spec: str, out: str, carried: dict[str, Any]) -> list[str]:
     """Copies an HF directory's tokenizer files, or ships a SentencePiece model.
 
-    For a SentencePiece model the token ids it defines are added to ``carried``
-    (so config.json and generation_config.json name them).
+    For a SentencePiece model (or a ``gguf:<file>`` vocabulary) the token ids it
+    defines are added to ``carried`` (so config.json and generation_config.json name them).
     """
+    if spec.startswith(GGUF_PREFIX):
+        from jaxalign.models import gguf_tokenizer
+
+        # A byte-level vocabulary is written as tokenizer.json; SentencePiece goes below.
+        written = gguf_tokenizer.write_hf_tokenizer(spec[len(GGUF_PREFIX):], out, carried)
+        if written is not None:
+            return written
     if spec.endswith(".json") and os.path.isfile(spec):
         spec = os.path.dirname(spec) or "."
     if os.path.isdir(spec):
@@ -361,7 +385,12 @@ def _write_tokenizer(spec: str, out: str, carried: dict[str, Any]) -> list[str]:
 
 
 def _sentencepiece_proto(spec: str) -> bytes:
-    """The serialized SentencePiece model behind ``builtin:<name>`` or a ``.model`` path."""
+    """The serialized SentencePiece model behind ``builtin:<name>``, ``gguf:<file>`` or a
+    ``.model`` path."""
+    if spec.startswith(GGUF_PREFIX):
+        from jaxalign.models import gguf_tokenizer
+
+        return gguf_tokenizer.sentencepiece_proto(spec[len(GGUF_PREFIX):])
     if not spec.startswith("builtin:"):
         with open(spec, "rb") as f:
             return f.read()

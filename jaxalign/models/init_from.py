@@ -2,6 +2,11 @@
 
 * ``scratch`` — random initialisation.
 * ``hf:<dir>`` — a Hugging Face checkpoint directory (config.json + safetensors).
+* ``gguf:<file>`` — a llama.cpp GGUF file (Llama, Qwen 2/3, Gemma 1/2/3 architectures;
+  F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q4_K/Q6_K tensors, dequantised to ``param_dtype`` on
+  load). Its metadata gives the architecture, and its vocabulary and chat template
+  are the tokenizer ``gguf:<file>`` (``config.tokenizer`` may name it; an export ships
+  it as ``tokenizer.json`` or ``tokenizer.model``). See :mod:`jaxalign.models.gguf`.
 * ``workdir:<DIR>`` — the latest checkpoint of an earlier jaxalign run (SFT -> DPO).
   A LoRA run's adapters are merged into its base weights on the way in, so a
   LoRA run on top starts fresh adapters from (and uses as its reference) the
@@ -28,10 +33,11 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from jaxalign.models import hf, lora
+from jaxalign.models import gguf, gguf_tokenizer, hf, lora
 from jaxalign.models.transformer import Transformer, TransformerConfig
 
 HF_PREFIX = "hf:"
+GGUF_PREFIX = "gguf:"
 WORKDIR_PREFIX = "workdir:"
 # Fields the run keeps whatever the source says (a source's LoRA adapters are merged).
 RUN_KEYS = ("param_dtype", "dtype", "init_std", "lora")
@@ -39,21 +45,25 @@ ARCH_KEYS = tuple(f.name for f in dataclasses.fields(TransformerConfig) if f.nam
 
 
 def parse(spec: str) -> tuple[str, str]:
-    """``"hf:/x"`` -> ``("hf", "/x")``; ``"scratch"`` -> ``("scratch", "")``.
+    """``"hf:/x"`` -> ``("hf", "/x")``; ``"scratch"`` -> ``("scratch", "")``; also ``gguf:``.
 
     Raises:
       ValueError: an unknown scheme or an empty path.
     """
     if spec == "scratch":
         return "scratch", ""
-    for kind, prefix in (("hf", HF_PREFIX), ("workdir", WORKDIR_PREFIX)):
+    for kind, prefix in (("hf", HF_PREFIX), ("gguf", GGUF_PREFIX),
+                         ("workdir", WORKDIR_PREFIX)):
         if spec.startswith(prefix):
             path = spec[len(prefix):]
             if not path:
-                raise ValueError(f"model.init_from={spec!r} names no directory")
+                raise ValueError(f"model.init_from={spec!r} names no "
+                                 f"{'file' if kind == 'gguf' else 'directory'} (the hf "
+                                 "presets need --config.model.init_from=hf:<dir>, "
+                                 "gguf:<file> or workdir:<dir>)")
             return kind, os.path.expanduser(path)
-    raise ValueError(f"model.init_from={spec!r}; expected 'scratch', 'hf:<dir>' or "
-                     "'workdir:<dir>'")
+    raise ValueError(f"model.init_from={spec!r}; expected 'scratch', 'hf:<dir>', "
+                     "'gguf:<file>' or 'workdir:<dir>'")
 
 
 def read_run_config(workdir: str) -> dict[str, Any]:
@@ -71,8 +81,8 @@ def source_architecture(spec: str) -> dict[str, Any]:
     kind, path = parse(spec)
     if kind == "scratch":
         return {}
-    if kind == "hf":
-        cfg = hf.load_config(path)
+    if kind in ("hf", "gguf"):
+        cfg = hf.load_config(path) if kind == "hf" else gguf.load_config(path)
         return {k: getattr(cfg, k) for k in ARCH_KEYS}
     model = read_run_config(path).get("model", {})
     # An earlier run's config may predate some keys: those keep the dataclass default.
@@ -178,6 +188,9 @@ def load_params(spec: str, model_cfg: TransformerConfig, abstract_params: Any,
     if kind == "hf":
         logging.info("loading initial parameters from the HF checkpoint %s", path)
         loaded = hf.load_params(path, model_cfg, shardings)
+    elif kind == "gguf":
+        logging.info("loading initial parameters from the GGUF file %s", path)
+        loaded = gguf.load_params(path, model_cfg, shardings)
     else:
         logging.info("loading initial parameters from the latest checkpoint of %s", path)
         loaded = restore_merged_params(path, lora.strip(abstract_params), lora.strip(shardings),
@@ -319,8 +332,20 @@ def hf_source_dir(spec: str, *, _seen: frozenset[str] = frozenset()) -> str | No
 
 
 def check_hf_tokenizer(spec: str, tokenizer_spec: str, vocab_size: int) -> None:
-    """For ``hf:<dir>``: its tokenizer must fit the embedding; warn if the run uses another."""
+    """For ``hf:<dir>`` or ``gguf:<file>``: its tokenizer must fit the embedding; warn if
+    the run uses another."""
     kind, path = parse(spec)
+    if kind == "gguf":
+        size = gguf_tokenizer.tokenizer_vocab_size(path)
+        if size > vocab_size:
+            raise ValueError(f"{path}: the tokenizer has {size} ids but the model's embedding "
+                             f"has vocab_size={vocab_size} rows")
+        own = tokenizer_spec.startswith(GGUF_PREFIX) and os.path.abspath(os.path.expanduser(
+            tokenizer_spec[len(GGUF_PREFIX):])) == os.path.abspath(path)
+        if not own and tokenizer_spec != "auto":
+            logging.warning("model.init_from=%s ships a tokenizer but config.tokenizer=%s; the "
+                            "run tokenizes with the latter", spec, tokenizer_spec)
+        return
     if kind != "hf":
         return
     hf.check_tokenizer_fits(path, vocab_size)
