@@ -135,7 +135,8 @@ def test_workdir_chain_and_resume_prefers_own_checkpoints(hf_run, tmp_path):
 
 
 def test_init_from_errors(tmp_path):
-    with pytest.raises(ValueError, match="expected 'scratch', 'hf:<dir>', 'gguf:<file>' or 'workdir:<dir>'"):
+    with pytest.raises(ValueError,
+                       match="expected 'scratch', 'hf:<dir>', 'gguf:<file>' or 'workdir:<dir>'"):
         init_from.parse("s3://bucket/model")
     with pytest.raises(FileNotFoundError, match=r"config\.json not found"):
         Trainer(_config(**{"model.init_from": f"hf:{tmp_path}"}), str(tmp_path / "run"))
