@@ -35,7 +35,7 @@ def _stage(name: str, config: str, init_from: str = "", overrides: Sequence[str]
 
 
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
-    """The pipeline preset ``arg`` (``demo``, ``test``) over the library defaults."""
+    """The pipeline preset ``arg`` (``demo``, ``real``, ``test``) over the library defaults."""
     c = pipeline_config()
     c.reference = "sft"      # KL and implicit preference rewards are measured against it
     c.reward_model = "rm"    # the RM stage scores replies for reward/mean
@@ -78,6 +78,10 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         evals.evals.task.num_samples = 4
         evals.evals.task.k = 4
         evals.evals.reward.win_rate = False
+    elif arg == "real":
+        c.stages, evals = _real_stages(), _real_evals()
+        c.reward_model = ""
+        c.report_metrics = list(REAL_REPORT_METRICS)
     elif arg == "test":
         tiny = ["model.init_from=scratch", "train.steps=4", "train.eval_every=100",
                 "checkpoint.save_every=2"]
@@ -91,7 +95,63 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         ]
         evals = eval_suite("test")
     else:
-        raise ValueError(f"unknown preset {arg!r} for configs/pipeline.py; known: demo, test")
+        raise ValueError(f"unknown preset {arg!r} for configs/pipeline.py; known: demo, real, "
+                         "test")
     c.evals = evals
     c.lock()
     return c
+
+
+# ``real``: SmolLM2-135M-Instruct, the GGUF that ``make real-model`` fetches.
+REAL_MODEL = "gguf:.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+REAL_REPORT_METRICS = ("task/pass@1", "task/pass@8", "task/sample_accuracy",
+                       "task_contains/pass@1", "preference/accuracy", "kl/mean",
+                       "safety/refusal_rate", "redteam/refusal_rate",
+                       "safety/over_refusal_rate")
+
+
+def _real_stages() -> list[dict]:
+    """SFT -> DPO -> GRPO of SmolLM2-135M-Instruct on the builtin world (CPU-sized).
+
+    Measured piecewise so far: SFT of 60 steps takes greedy exact-match on 200 held-out
+    task prompts from 0 (the instruct model answers in sentences) to 0.475, pass@8 0.645;
+    DPO reaches 0.97 training reward accuracy within 6 steps. GRPO's settings are not yet
+    tuned: 20 steps at 1e-5 moved greedy pass@1 only to 0.49, and 24 steps at 5e-5
+    collapsed it to 0.375.
+    """
+    cpu = ["data.eval=", "checkpoint.save_every=1000", "train.log_every=5"]
+    return [
+        _stage("base", "configs/sft.py:hf",
+               overrides=[f"model.init_from={REAL_MODEL}", *UNTRAINED]),
+        _stage("sft", "configs/sft.py:hf", init_from="base", overrides=[
+            *cpu, "train.steps=60", "train.batch_size=8", "data.max_len=256"],
+            gates=[dict(metric="task/pass@1", direction="higher", tolerance=0.0)]),
+        _stage("dpo", "configs/dpo.py:hf", init_from="sft", overrides=[
+            *cpu, "train.steps=20", "train.batch_size=8", "data.max_len=256",
+            "optim.learning_rate=5e-6", "dpo.beta=0.1", "dpo.rpo_alpha=1.0"],
+            gates=[dict(metric="preference/accuracy", direction="higher", tolerance=0.0)]),
+        _stage("grpo", "configs/grpo.py:hf", init_from="dpo", overrides=[
+            *cpu, "train.steps=20", "train.batch_size=64", "rl.num_samples=8",
+            "rl.max_new_tokens=10", "data.max_len=128", "data.max_prompt_len=96",
+            "rl.rewards=exact_answer", "grpo.dynamic_sampling=True", "grpo.oversample=2",
+            "optim.learning_rate=1e-5"],
+            gates=[dict(metric="task/pass@1", direction="higher", tolerance=0.0)]),
+    ]
+
+
+def _real_evals() -> ml_collections.ConfigDict:
+    """The default suite, smaller, with pass@8 and a lenient (answer anywhere) task check."""
+    evals = eval_suite("default")
+    evals.unlock()
+    for name, limit in (("task", 160), ("preference", 100), ("safety", 0), ("redteam", 0),
+                        ("kl", 32)):
+        evals.evals[name].limit = limit
+    for name in ("heldout", "reward"):
+        del evals.evals[name]
+    evals.evals.task.num_samples = evals.evals.task.k = 8
+    evals.evals.task.max_new_tokens = 12
+    evals.evals.task_contains = dict(evals.evals.task)
+    evals.evals.task_contains.update(num_samples=0, check="contains_answer",
+                                     max_new_tokens=24)
+    evals.gates = [g for g in evals.gates if not g["metric"].startswith(("heldout", "reward"))]
+    return evals

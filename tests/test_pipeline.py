@@ -112,3 +112,18 @@ def test_pipeline_config_errors(tmp_path):
     pipe = pipeline_lib.Pipeline(config, str(tmp_path), repo_dir=ROOT)
     with pytest.raises(ValueError, match="names no config key"):
         pipe.stage_config(pipe.stages[0])
+
+
+def test_ceiling_closed_measures_rl_against_its_starts_pass_at_k():
+    from jaxalign.jobs.pipeline import ceiling_closed, render_table
+
+    start = {"task/pass@1": 0.5, "task/pass@4": 0.6, "task/pass@8": 0.7,
+             "task/pass@1/addition": 0.2, "task/maj@8": 0.55}
+    row = ceiling_closed(start, {"task/pass@1": 0.62})
+    assert row["k"] == 8 and row["gap"] == pytest.approx(0.2)
+    assert row["closed"] == pytest.approx(0.6)
+    assert ceiling_closed({"task/pass@1": 0.5}, {"task/pass@1": 0.6}) is None
+    text = render_table({"columns": ["dpo", "grpo"], "metrics": {
+        "task/pass@1": {"dpo": 0.5, "grpo": 0.62}}, "ceiling": [
+        {"stage": "grpo", "start": "dpo", **row}]})
+    assert "grpo: greedy pass@1 0.500 -> 0.620, 60% of dpo's gap to its pass@8 (0.700)" in text

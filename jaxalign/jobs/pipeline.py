@@ -203,12 +203,46 @@ class Pipeline:
         seconds = {s["name"]: (self.done(s["name"]) or {}).get("seconds")
                    for s in self.stages}
         report = {"columns": columns, "metrics": table, "train_seconds": seconds,
-                  "eval_seconds": {n: results[n].get("eval_seconds") for n in columns}}
+                  "eval_seconds": {n: results[n].get("eval_seconds") for n in columns},
+                  "ceiling": self._ceilings(results)}
         with open(os.path.join(self.root, "report.json"), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1, default=float)
         with open(os.path.join(self.root, "report.md"), "w", encoding="utf-8") as f:
             f.write(render_table(report))
         return report
+
+
+    def _ceilings(self, results: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """For each RL stage: how much of its start's pass@k − greedy pass@1 gap it closed."""
+        out = []
+        for stage in self.stages:
+            name, start = stage["name"], stage.get("init_from", "")
+            if (name in results and start in results
+                    and (self.done(name) or {}).get("stage") in RL_STAGES):
+                row = ceiling_closed(results[start]["metrics"], results[name]["metrics"])
+                if row is not None:
+                    out.append({"stage": name, "start": start, **row})
+        return out
+
+
+RL_STAGES = ("grpo", "ppo")
+
+
+def ceiling_closed(start: Mapping[str, float], after: Mapping[str, float],
+                   task: str = "task") -> dict[str, float] | None:
+    """The share of ``start``'s gap between pass@k and greedy pass@1 that ``after``'s greedy
+    pass@1 closed (the largest k ``start`` measured); None without a pass@k."""
+    ks = [int(m.rsplit("@", 1)[1]) for m in start if m.startswith(f"{task}/pass@")
+          and "/" not in m[len(task) + 1:] and m.rsplit("@", 1)[1].isdigit()]
+    ks = [k for k in ks if k > 1]
+    p1, q1 = start.get(f"{task}/pass@1"), after.get(f"{task}/pass@1")
+    if not ks or p1 is None or q1 is None:
+        return None
+    k = max(ks)
+    ceiling = start[f"{task}/pass@{k}"]
+    gap = ceiling - p1
+    return {"k": k, "start_pass@1": p1, "start_pass@k": ceiling, "pass@1": q1, "gap": gap,
+            "closed": (q1 - p1) / gap if gap > 0 else float("nan")}
 
 
 def config_is_policy(done: Mapping[str, Any] | None) -> bool:
@@ -223,4 +257,8 @@ def render_table(report: Mapping[str, Any]) -> str:
     for metric, values in report["metrics"].items():
         cells = ["—" if values.get(c) is None else f"{values[c]:.3f}" for c in cols]
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    for c in report.get("ceiling", ()):
+        lines.append(f"\n{c['stage']}: greedy pass@1 {c['start_pass@1']:.3f} -> {c['pass@1']:.3f}"
+                     f", {c['closed']:.0%} of {c['start']}'s gap to its pass@{c['k']} "
+                     f"({c['start_pass@k']:.3f}) closed")
     return "\n".join(lines) + "\n"
