@@ -13,7 +13,7 @@ from flax import nnx
 from presets import preset
 
 from jaxalign.data.tokenizer import load_tokenizer
-from jaxalign.models import export, hf, init_from
+from jaxalign.models import export, hf, init_from, lineage
 from jaxalign.models.transformer import Transformer, TransformerConfig
 from jaxalign.train import Trainer
 
@@ -21,8 +21,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(**overrides):
+    # The source checkpoints here ship no tokenizer: the run names the builtin one.
     return preset("sft", **{"train.steps": 3, "train.log_every": 1, "data.eval": "",
-                            "checkpoint.save_every": 3, **overrides})
+                            "checkpoint.save_every": 3, "tokenizer": "builtin:world",
+                            **overrides})
 
 
 def _params(tree):
@@ -39,7 +41,7 @@ def _assert_trees_equal(a, b):
 def hf_run(tmp_path_factory):
     """A Llama-3-shaped HF checkpoint (tied, scaled RoPE) and an SFT run started from it."""
     root = tmp_path_factory.mktemp("hf_run")
-    vocab = load_tokenizer(_config().tokenizer).vocab_size
+    vocab = load_tokenizer(lineage.resolve_tokenizer(_config()).tokenizer).vocab_size
     # (transformers 5 forces its own byte-level tokenizer class onto any qwen2 model_type, so
     # a model shipping the builtin SentencePiece tokenizer is Llama-shaped here.)
     cfg = TransformerConfig(family="llama", vocab_size=vocab, d_model=48, n_layers=2, n_heads=4,
@@ -101,7 +103,7 @@ def test_export_cli_loads_in_transformers(hf_run):
     assert float(np.abs(got - want).max()) <= 1e-4
 
     tok = transformers.AutoTokenizer.from_pretrained(out)
-    ours_tok = load_tokenizer(_config().tokenizer)
+    ours_tok = load_tokenizer(lineage.resolve_tokenizer(_config()).tokenizer)
     text = "What is 23 + 58? Reverse the word: stone"
     assert tok(text)["input_ids"] == [ours_tok.bos_id, *ours_tok.encode(text)]
     assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text

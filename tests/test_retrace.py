@@ -10,6 +10,7 @@ from presets import preset
 
 from jaxalign.algos import get_stage
 from jaxalign.data.tokenizer import load_tokenizer
+from jaxalign.models import lineage
 from jaxalign.models.transformer import Transformer, TransformerConfig
 from jaxalign.sampling import SamplingConfig, left_pad, make_sampler, sample
 from jaxalign.step import ModelDef
@@ -54,7 +55,8 @@ def _fit(tmp_path, stage, **overrides):
 def _train_shapes(stage, steps=4, **overrides):
     """The distinct array shapes of the run's first ``steps`` training batches."""
     config = _config(stage, **overrides)
-    loader = get_stage(stage).build_data(config, load_tokenizer(config.tokenizer), "train",
+    tok = load_tokenizer(lineage.resolve_tokenizer(config).tokenizer)
+    loader = get_stage(stage).build_data(config, tok, "train",
                                          process_index=0, process_count=1)
     it = loader.iterator()
     return {tuple(sorted((k, v.shape) for k, v in next(it).items()

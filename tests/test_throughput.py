@@ -12,6 +12,7 @@ from jaxalign.algos import get_stage
 from jaxalign.data import packing
 from jaxalign.data.tokenizer import load_tokenizer
 from jaxalign.metrics import Throughput, read_jsonl
+from jaxalign.models import lineage
 from jaxalign.train import Trainer
 
 
@@ -51,7 +52,7 @@ def test_logged_tokens_per_position_is_the_batches_hand_count(tmp_path):
     rows = [r for r in read_jsonl(str(tmp_path / "metrics.jsonl")) if r["split"] == "train"]
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     # The same batches again, from a fresh loader of the same config.
-    tok = load_tokenizer(config.tokenizer)
+    tok = load_tokenizer(lineage.resolve_tokenizer(config).tokenizer)
     loader = get_stage("sft").build_data(config, tok, "train", process_index=0,
                                          process_count=1)
     it = loader.iterator()

@@ -426,6 +426,9 @@ def load_tokenizer(spec: str) -> Tokenizer:
         from jaxalign.models import gguf_tokenizer
 
         return gguf_tokenizer.load_tokenizer(os.path.expanduser(spec[len(_GGUF_SCHEME) :]))
+    if spec == "auto":
+        raise ValueError("tokenizer 'auto' means the model source's tokenizer; resolve it from "
+                         "the run config first (jaxalign.models.lineage.resolve_tokenizer)")
     path = Path(spec)
     if path.is_dir():
         return _load_directory(path)
