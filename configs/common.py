@@ -157,7 +157,8 @@ def eval_suite(arg: str) -> ml_collections.ConfigDict:
 # follow the usual 1e-5..2e-5 / 1e-4..2e-4; the preference and RL stages move a pretrained
 # policy much less per step (Zephyr's DPO used 5e-7, TRL's GRPO default is 1e-6).
 HF_LEARNING_RATES = {"sft": (2e-5, 2e-4), "rm": (1e-5, 1e-4), "dpo": (1e-6, 2e-5),
-                     "kto": (1e-6, 2e-5), "grpo": (1e-6, 1e-5), "ppo": (1e-6, 1e-5)}
+                     "kto": (1e-6, 2e-5), "grpo": (1e-6, 1e-5), "ppo": (1e-6, 1e-5),
+                     "distill": (1e-5, 1e-4)}
 HF_PRESETS = ("hf", "hf_lora")
 
 
@@ -193,6 +194,10 @@ def hf_preset(config: ml_collections.ConfigDict, arg: str) -> None:
     if lora:
         config.model.lora.rank = 16
         config.model.lora.alpha = 32
+    if config.stage == "distill":
+        config.data.max_prompt_len = 512
+        config.rl.max_new_tokens = 256
+        config.train.batch_size = 16
     if config.stage in ("grpo", "ppo"):
         config.data.max_prompt_len = 512
         config.rl.max_new_tokens = 512

@@ -5,7 +5,8 @@ Presets: ``hf``/``hf_lora`` (a pretrained checkpoint:
 ``configs/common.py:hf_preset``), ``demo`` (the main job: a ~2M-parameter model learns
 the embedded tasks on a 2-core CPU in a few minutes), ``world`` (the same model on the
 builtin world's demonstrations — tasks, refusals, benign look-alikes, multi-turn chats —
-packed into 128-position rows) and ``test`` (tiny, seconds).
+packed into 128-position rows; ``world_medium``: the same with the ~2.6x ``medium``
+model, the distillation demo's teacher) and ``test`` (tiny, seconds).
 
     python -m launch.train --config=configs/sft.py:demo --workdir=runs/sft-demo
 
@@ -26,8 +27,8 @@ from jaxalign.config import base_config, model_config
 
 
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
-    """The SFT preset ``arg`` (``demo``, ``world``, ``test``, ``hf``, ``hf_lora``) over the
-    library defaults."""
+    """The SFT preset ``arg`` (``demo``, ``world``, ``world_medium``, ``test``, ``hf``,
+    ``hf_lora``) over the library defaults."""
     config = base_config("sft")
     if arg == "demo":
         config.model = model_config("small")
@@ -39,8 +40,8 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         config.optim.learning_rate = 3e-3
         config.optim.warmup_steps = 50
         config.checkpoint.save_every = 150
-    elif arg == "world":
-        config.model = model_config("small")
+    elif arg in ("world", "world_medium"):
+        config.model = model_config("small" if arg == "world" else "medium")
         config.data.train = config.data.eval = "builtin:world"
         # Lengths are skewed (median ~19 ids, longest ~160): packing fills ~97% of each
         # row, and the few longest chats lose prompt ids from the left.
@@ -73,7 +74,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         config.metrics.peak_flops = 1e11
     else:
         raise ValueError(f"unknown preset {arg!r} for configs/sft.py; known: demo, world, "
-                         "test, hf, hf_lora")
+                         "world_medium, test, hf, hf_lora")
     config.lock()
     return config
 

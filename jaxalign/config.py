@@ -75,6 +75,9 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
                  mlp_dim=64),
     "small": dict(vocab_size=512, d_model=192, n_layers=4, n_heads=6, n_kv_heads=2,
                   head_dim=32, mlp_dim=512),
+    # ~2.6x small: a distillation teacher for the small student.
+    "medium": dict(vocab_size=512, d_model=256, n_layers=6, n_heads=8, n_kv_heads=2,
+                   head_dim=32, mlp_dim=768),
 }
 _SHAPE = dict(vocab_size="token ids the embedding and output layer cover",
               d_model="width of the residual stream", n_layers="decoder blocks",

@@ -28,32 +28,43 @@ def token_stats(logits_btv: jax.Array, targets_bt: jax.Array, *, with_hits: bool
     return out
 
 
+def map_position_chunks(fn: Callable[..., dict[str, jax.Array]], chunk: int,
+                        *xs_bt: jax.Array) -> dict[str, jax.Array]:
+    """``fn`` over ``chunk`` positions at a time; its per-position outputs, joined.
+
+    Each ``x`` is ``[b, t, ...]``; ``fn`` maps ``[b, c, ...]`` slices to a dict of
+    ``[b, c]`` arrays. Each chunk's intermediates (its logits) are dropped after use and
+    made again in the backward pass (``jax.checkpoint``), so only one chunk's are ever
+    live. The sequence is zero-padded to a multiple of ``chunk``.
+    """
+    b, t = xs_bt[0].shape[:2]
+    n = -(-t // chunk)
+    pad = n * chunk - t
+
+    def split(x):
+        if pad:
+            x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+        return x.reshape(b, n, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+    one_chunk = jax.checkpoint(fn)
+    _, out_nbc = jax.lax.scan(lambda c, xs: (c, one_chunk(*xs)), None,
+                              tuple(split(x) for x in xs_bt))
+    return {k: v.swapaxes(0, 1).reshape(b, n * chunk)[:, :t] for k, v in out_nbc.items()}
+
+
 def chunked_token_stats(h_btd: jax.Array, logits_fn: Callable[[jax.Array], jax.Array],
                         targets_bt: jax.Array, *, chunk: int, with_hits: bool = False,
                         with_entropy: bool = False) -> dict[str, jax.Array]:
     """:func:`token_stats` from hidden states, ``chunk`` positions at a time.
 
-    ``logits_fn`` maps ``[b, c, d]`` hidden states to ``[b, c, v]`` logits. Each chunk's
-    logits are made, reduced to per-token numbers and dropped; the backward pass makes
-    them again (``jax.checkpoint``), so no ``[b, t, v]`` array is ever live — only
-    ``[b, chunk, v]``. The sequence is zero-padded to a multiple of ``chunk``.
+    ``logits_fn`` maps ``[b, c, d]`` hidden states to ``[b, c, v]`` logits; no
+    ``[b, t, v]`` array is ever live, only ``[b, chunk, v]`` (:func:`map_position_chunks`).
     """
-    b, t, d = h_btd.shape
-    n = -(-t // chunk)
-    pad = n * chunk - t
-    if pad:
-        h_btd = jnp.pad(h_btd, ((0, 0), (0, pad), (0, 0)))
-        targets_bt = jnp.pad(targets_bt, ((0, 0), (0, pad)))
-    h_nbcd = h_btd.reshape(b, n, chunk, d).swapaxes(0, 1)
-    tgt_nbc = targets_bt.reshape(b, n, chunk).swapaxes(0, 1)
-
-    @jax.checkpoint
     def one_chunk(h_bcd, tgt_bc):
         return token_stats(logits_fn(h_bcd), tgt_bc, with_hits=with_hits,
                            with_entropy=with_entropy)
 
-    _, out_nbc = jax.lax.scan(lambda c, xs: (c, one_chunk(*xs)), None, (h_nbcd, tgt_nbc))
-    return {k: v.swapaxes(0, 1).reshape(b, n * chunk)[:, :t] for k, v in out_nbc.items()}
+    return map_position_chunks(one_chunk, chunk, h_btd, targets_bt)
 
 
 def sequence_logps(logits_btv: jax.Array, targets_bt: jax.Array, mask_bt: jax.Array, *,
@@ -445,3 +456,69 @@ def entropy(logits_btv: jax.Array) -> jax.Array:
     """Entropy of each position's next-token distribution ``[b, t]`` (float32)."""
     logp_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
     return -jnp.sum(jnp.exp(logp_btv) * logp_btv, axis=-1)
+
+
+# -- distillation ---------------------------------------------------------------------
+
+DISTILL_LOSSES = ("forward_kl", "reverse_kl", "jsd")
+
+
+def distill_beta(loss: str, beta: float) -> float:
+    """The generalised JSD's β of a named divergence: forward KL is β = 0, reverse KL
+    β = 1, ``jsd`` the given β."""
+    if loss not in DISTILL_LOSSES:
+        raise ValueError(f"distill loss {loss!r}; known: {', '.join(DISTILL_LOSSES)}")
+    return {"forward_kl": 0.0, "reverse_kl": 1.0}.get(loss, beta)
+
+
+def _kl(p_logps: jax.Array, q_logps: jax.Array) -> jax.Array:
+    """``KL(p || q)`` over the last axis from log-probs; tokens where p is 0 add nothing."""
+    p = jnp.exp(p_logps)
+    return jnp.sum(jnp.where(p > 0, p * (p_logps - q_logps), 0.0), axis=-1)
+
+
+def generalized_jsd(student_logps: jax.Array, teacher_logps: jax.Array,
+                    beta: float) -> jax.Array:
+    """GKD's generalised Jensen–Shannon divergence per position (last axis: vocabulary).
+
+    With ``M = β·teacher + (1−β)·student``: ``β·KL(teacher‖M) + (1−β)·KL(student‖M)``;
+    the ends are the two KLs themselves, as in GKD and TRL: β = 0 is the forward
+    ``KL(teacher‖student)``, β = 1 the reverse ``KL(student‖teacher)``.
+    """
+    s, t = student_logps.astype(jnp.float32), teacher_logps.astype(jnp.float32)
+    if beta == 0.0:
+        return _kl(t, s)
+    if beta == 1.0:
+        return _kl(s, t)
+    m = jnp.logaddexp(t + jnp.log(beta), s + jnp.log1p(-beta))
+    return beta * _kl(t, m) + (1.0 - beta) * _kl(s, m)
+
+
+def _log_softmax(logits: jax.Array, temperature: float) -> jax.Array:
+    return jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+
+
+def distill_divergence(student_logits_btv: jax.Array, teacher_logits_btv: jax.Array, *,
+                       beta: float, temperature: float = 1.0, top_k: int = 0) -> jax.Array:
+    """Per-position :func:`generalized_jsd` between ``softmax(logits / temperature)``.
+
+    ``top_k`` > 0 compares the two distributions on the teacher's ``top_k`` most likely
+    tokens only, each renormalised over them (``top_k`` ≥ V is the full divergence).
+    """
+    if 0 < top_k < teacher_logits_btv.shape[-1]:
+        top_btk, ids_btk = jax.lax.top_k(teacher_logits_btv.astype(jnp.float32), top_k)
+        return topk_distill_divergence(student_logits_btv, ids_btk, top_btk, beta=beta,
+                                       temperature=temperature)
+    return generalized_jsd(_log_softmax(student_logits_btv, temperature),
+                           _log_softmax(teacher_logits_btv, temperature), beta)
+
+
+def topk_distill_divergence(student_logits_btv: jax.Array, teacher_ids_btk: jax.Array,
+                            teacher_logits_btk: jax.Array, *, beta: float,
+                            temperature: float = 1.0) -> jax.Array:
+    """:func:`distill_divergence` on given teacher tokens: the teacher's logits at
+    ``teacher_ids_btk`` (e.g. its top k, precomputed once) against the student's at the
+    same ids, both renormalised over them."""
+    student_btk = jnp.take_along_axis(student_logits_btv, teacher_ids_btk, axis=-1)
+    return generalized_jsd(_log_softmax(student_btk, temperature),
+                           _log_softmax(teacher_logits_btk, temperature), beta)

@@ -50,12 +50,12 @@ def num_slots(seq_len: int, is_packed: bool) -> int:
 
 
 def fit_slots(x_bs: jax.Array, num_segments: int) -> jax.Array:
-    """Per-slot values ``[b, s]`` cut or zero-padded to ``[b, num_segments]`` slots (a row
+    """Per-slot values ``[b, s, ...]`` cut or zero-padded to ``num_segments`` slots (a row
     never holds more pairs than the slots kept, so a cut drops only empty slots)."""
     s = x_bs.shape[1]
     if s >= num_segments:
         return x_bs[:, :num_segments]
-    return jnp.pad(x_bs, ((0, 0), (0, num_segments - s)))
+    return jnp.pad(x_bs, ((0, 0), (0, num_segments - s)) + ((0, 0),) * (x_bs.ndim - 2))
 
 
 def pair_valid(batch: Batch) -> jax.Array:

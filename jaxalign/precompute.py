@@ -43,17 +43,22 @@ def _local_rows(x: np.ndarray, rows: int) -> np.ndarray:
 def _stack(columns: list[np.ndarray]) -> np.ndarray:
     """Per-batch columns stacked on a new step axis.
 
-    Per-slot columns (``[b, s]``, packed pairs: ``s`` is the batch's width) are padded
-    with zeros to the widest, then cut after the last slot any batch fills: a slot no
-    row uses holds 0, which is what the reader pads with again.
+    Per-slot columns (``[b, s, ...]``, packed pairs or loss positions: ``s`` is the
+    batch's width) are padded with zeros to the widest, then cut after the last slot any
+    batch fills: a slot no row uses holds 0, which is what the reader pads with again.
     """
     if columns[0].ndim < 2:
         return np.stack(columns)
+
+    def used(c: np.ndarray) -> np.ndarray:
+        filled = np.flatnonzero(c.reshape(c.shape[0], c.shape[1], -1).any(axis=(0, 2)))
+        return c[:, :int(filled[-1]) + 1] if len(filled) else c[:, :1]
+
     # Each batch's own used slots first, so no [steps, b, width] copy is ever held.
-    used = [c[:, :int(np.flatnonzero(c.any(axis=0))[-1]) + 1] if c.any() else c[:, :1]
-            for c in columns]
-    s = max(c.shape[1] for c in used)
-    return np.stack([np.pad(c, ((0, 0), (0, s - c.shape[1]))) for c in used])
+    parts = [used(c) for c in columns]
+    s = max(c.shape[1] for c in parts)
+    return np.stack([np.pad(c, ((0, 0), (0, s - c.shape[1])) + ((0, 0),) * (c.ndim - 2))
+                     for c in parts])
 
 
 class PrecomputedColumns:

@@ -297,7 +297,8 @@ class Trainer:
     def _build_steps(self) -> None:
         """Jits the train and eval steps; frozen models stay outside the donated state."""
         loss_fn, loss_weights = self.stage.make_loss(self.config)
-        # Frozen models (an in-step DPO reference) start from the run's initial params.
+        # Frozen models (an in-step DPO reference) start from the run's initial params,
+        # unless the stage loads its own (a distillation teacher).
         names = self.stage.frozen_models(self.config)
         frozen_defs = {name: self.model_def for name in names}
         # With LoRA the reference is the frozen base itself: the policy's params with the
@@ -307,10 +308,18 @@ class Trainer:
             frozen_defs[name] = step_lib.ModelDef(
                 lora.without_adapters(self.model_def.graphdef, self.model_def.abstract_state),
                 self.model_def.abstract_state)
-        self.frozen = {name: self.context.initial_params() for name in names
-                       if name not in shared}
+        self.frozen = {}
+        for name in names:
+            if name in shared:
+                continue
+            own = self.stage.load_frozen(self.context, name)
+            if own is not None:
+                frozen_defs[name], self.frozen[name] = own.model_def, own.params
+            else:
+                self.frozen[name] = self.context.initial_params()
         params_sh = self.state_shardings["params"]
-        frozen_sh = {name: params_sh for name in self.frozen}
+        frozen_sh = {name: jax.tree.map(lambda x: x.sharding, p)
+                     for name, p in self.frozen.items()}
         common = dict(model_def=self.model_def, mesh=self.mesh, rules=self.rules,
                       frozen_defs=frozen_defs, policy_frozen=shared)
         self._executables: dict[tuple, Any] = {}
@@ -338,14 +347,17 @@ class Trainer:
         if spec is None:
             return None
         name, fn = spec
-        params, model_def, mesh, rules = (self.context.initial_params(), self.model_def,
-                                          self.mesh, self.rules)
+        own = self.stage.load_frozen(self.context, name)
+        params, model_def = ((own.params, own.model_def) if own is not None
+                             else (self.context.initial_params(), self.model_def))
+        mesh, rules = self.mesh, self.rules
 
         def columns(p, batch):
             with shd.axis_rules(mesh, rules):
                 return fn(model_def.merge(p), batch)
 
-        jitted = jax.jit(columns, in_shardings=(self.state_shardings["params"], None))
+        jitted = jax.jit(columns, in_shardings=(jax.tree.map(lambda x: x.sharding, params),
+                                                None))
         c = self.config
         fingerprint = {"stage": c.stage, "model": c.model.to_dict(), "data": c.data.to_dict(),
                        "steps": c.train.steps, "batch_size": c.train.batch_size,

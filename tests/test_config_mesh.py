@@ -19,7 +19,8 @@ from jaxalign.train import state_layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = {"sft": ["demo", "world", "test"], "rm": ["demo", "test"], "dpo": ["demo", "test"],
-           "kto": ["demo", "test"], "grpo": ["demo", "test"], "ppo": ["demo", "test"]}
+           "kto": ["demo", "test"], "grpo": ["demo", "test"], "ppo": ["demo", "test"],
+           "distill": ["demo", "test"]}
 # Config files that are not one training stage (a stage list, an eval suite, shared preset
 # helpers, ...).
 NOT_STAGES = {"__init__", "common", "evals", "pipeline", "rejection"}

@@ -49,13 +49,16 @@ def test_hf_preset_defaults():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage,arg", [("sft", "hf"), ("rm", "hf_lora"), ("dpo", "hf"),
-                                       ("kto", "hf_lora"), ("grpo", "hf"), ("ppo", "hf")])
+                                       ("kto", "hf_lora"), ("grpo", "hf"), ("ppo", "hf"),
+                                       ("distill", "hf_lora")])
 def test_hf_preset_trains_two_steps_from_init_from_alone(hf_dir, tmp_path, stage, arg):
     overrides = {"model.init_from": f"hf:{hf_dir}", "train.steps": 2, "train.batch_size": 8,
                  "train.eval_batches": 1, "data.eval_batch_size": 8,
                  "checkpoint.async_save": False, "metrics.peak_flops": 1e11}
-    if stage in ("grpo", "ppo"):
+    if stage in ("grpo", "ppo", "distill"):
         overrides.update({"rl.max_new_tokens": 8, "data.max_prompt_len": 64})
+    if stage == "distill":  # the checkpoint distilled into its own LoRA student
+        overrides["distill.teacher"] = f"hf:{hf_dir}"
     workdir = tmp_path / "run"
     summary = train(preset(stage, arg, **overrides), str(workdir))
     assert np.isfinite(summary["train"]["loss"]) and summary["eval"]

@@ -22,6 +22,7 @@ STAGES = {
     "kto": "jaxalign.algos.kto",
     "grpo": "jaxalign.algos.grpo",
     "ppo": "jaxalign.algos.ppo",
+    "distill": "jaxalign.algos.distill",
 }
 
 

@@ -138,6 +138,11 @@ def _no_context_hook(ctx: RunContext) -> None:
     return None
 
 
+def _no_frozen_source(ctx: RunContext, name: str) -> None:
+    del ctx, name
+    return None
+
+
 def _no_batch_source(ctx: RunContext, loader: Loader) -> None:
     del ctx, loader
     return None
@@ -158,8 +163,12 @@ class Stage:
       check_config: raises ``ValueError`` on impossible options, before any work.
       make_model: the NNX module class the stage trains (default: the decoder).
       frozen_models: ``config -> names`` of frozen models the step takes as
-        non-donated inputs (e.g. ``("reference",)``), all starting from the run's
-        initial params.
+        non-donated inputs (e.g. ``("reference",)``), starting from the run's initial
+        params unless ``load_frozen`` gives them.
+      load_frozen: ``(ctx, name) -> jaxalign.policy.Loaded | None``: a frozen model of
+        its own shape and weights (a distillation teacher), on the run's mesh; None
+        means the run's initial params in the policy's shape. It also feeds
+        ``precomputed_columns``.
       precomputed_columns: ``config -> (name, fn) | None``; ``fn(frozen_model,
         batch) -> columns`` computed once before training and added to every batch.
       make_batches: ``(ctx, train_loader) -> BatchSource | None``; an online stage
@@ -176,6 +185,7 @@ class Stage:
     check_config: Callable[[ml_collections.ConfigDict], None] = _no_config_check
     make_model: type[nnx.Module] = Transformer
     frozen_models: Callable[[ml_collections.ConfigDict], tuple[str, ...]] = _no_frozen
+    load_frozen: Callable[[RunContext, str], Any] = _no_frozen_source
     precomputed_columns: Callable[[ml_collections.ConfigDict], Any] = _no_columns
     make_batches: Callable[[RunContext, Loader], BatchSource | None] = _no_batch_source
     make_evaluator: Callable[[RunContext], Callable[[Any], Metrics] | None] = _no_context_hook

@@ -4,7 +4,9 @@
   "response": str}`` (``"completion"`` is accepted for ``"response"``);
 * ``preference`` -> ``PreferencePair``: ``{"prompt": ..., "chosen": ..., "rejected": ...}``;
 * ``unpaired`` -> ``UnpairedExample``: ``{"prompt": ..., "completion": str, "label": bool}``;
-* ``prompt`` -> ``PromptExample``: ``{"prompt": ..., **extra fields}``.
+* ``prompt`` -> ``PromptExample``: ``{"prompt": ..., **extra fields}``, or an SFT
+  ``{"messages": [...]}`` chat: the turns before its last assistant turn are the prompt,
+  that turn's text is carried as ``response``.
 
 A completion may also be given as a one-message list ``[{"role": "assistant",
 "content": str}]`` (the conversational form TRL writes). Every problem raises a
@@ -245,8 +247,22 @@ def validate_unpaired(record: Any, loc: Location) -> UnpairedExample:
 
 
 def validate_prompt(record: Any, loc: Location) -> PromptExample:
-    """Validates a prompt-only record; every field but ``prompt`` is carried along."""
+    """Validates a prompt-only record; every field but ``prompt`` is carried along.
+
+    An SFT chat (``messages``) is a prompt too: everything before its last assistant turn,
+    with that turn's text as the ``response`` extra (on-policy distillation samples the
+    student on the prompts of SFT data).
+    """
     _check_object(record, loc)
+    if "messages" in record and "prompt" not in record:
+        messages = validate_sft(record, loc).messages
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        if last == 0 or messages[last - 1]["role"] != "user":
+            raise loc.error(f"messages[{last}]", "the last assistant turn must follow a user "
+                            "turn to give a prompt")
+        extras = {k: v for k, v in record.items() if k != "messages"}
+        return PromptExample(tuple(messages[:last]),
+                             {**extras, "response": messages[last]["content"]})
     prompt = _prompt(record, loc)
     return PromptExample(prompt, {k: v for k, v in record.items() if k != "prompt"})
 

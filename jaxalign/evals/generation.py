@@ -35,12 +35,15 @@ def greedy_generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *,
     return [s.ids[:-1] if s.stopped else s.ids for (s,) in groups]
 
 
-def make_prompt_evaluator(ctx: RunContext) -> Callable[[Any], dict[str, float]]:
+def make_prompt_evaluator(ctx: RunContext, on_batch: Callable[..., dict] | None = None
+                          ) -> Callable[[Any], dict[str, float]]:
     """``evaluate(params) -> metrics`` for a run whose eval split holds prompts.
 
     Greedy answers (``rl.max_new_tokens``) to the eval prompt batches, sampled on the
     run's mesh, scored by :func:`~jaxalign.evals.scoring.generation_metrics` and by the
-    run's reward (``reward/mean``, shared with the rollout).
+    run's reward (``reward/mean``, shared with the rollout). ``on_batch(params, host,
+    out)``, if given, sees each prompt batch and its answers and returns ``{name: (sum,
+    count)}``; each name is reported as ``sum / count`` over the eval set.
     """
     config, tok = ctx.config, ctx.tokenizer
     eos = tok.eos_id
@@ -54,11 +57,15 @@ def make_prompt_evaluator(ctx: RunContext) -> Callable[[Any], dict[str, float]]:
         records: list[dict] = []
         prompt_ids: list[list[int]] = []
         got: list[policy.Sample] = []
+        sums: dict[str, np.ndarray] = {}
         limit = config.train.eval_batches
         for host in itertools.islice(ctx.eval_data.eval_batches(), limit or None):
             out = policy.sample_batch(ctx.model_def, params, host["prompt_tokens_bt"],
                                       host["prompt_mask_bt"], key, cfg, mesh=ctx.mesh,
                                       rules=ctx.rules)
+            if on_batch is not None:
+                for name, pair in on_batch(params, host, out).items():
+                    sums[name] = sums.get(name, 0.0) + np.asarray(pair, np.float64)
             for r, (s, extra) in enumerate(zip(policy.samples(out), host["extras"],
                                                strict=True)):
                 if not extra:
@@ -69,6 +76,7 @@ def make_prompt_evaluator(ctx: RunContext) -> Callable[[Any], dict[str, float]]:
                 mask = host["prompt_mask_bt"][r] > 0
                 prompt_ids.append(list(host["prompt_tokens_bt"][r][mask]))
         result = generation_metrics(texts, records)
+        result.update({k: float(v[0] / max(v[1], 1.0)) for k, v in sums.items()})
         if texts:
             reward_ctx = rewards.RewardContext(
                 lengths=np.asarray([len(s.ids) for s in got]),
