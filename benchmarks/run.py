@@ -3,10 +3,10 @@
 Each comparison runs in its own process (interleaved repetitions inside it, as the
 protocol asks): B1/B2/B11 (``sft_step``), B3 and the compute switches
 (``techniques``), B4/B5 (``dpo_step``), B6 (``b6_packing``), B7/B8 (``sampler``),
-B9 (``rl_step``), then the peer comparisons P1–P4 (``peers``) and P5/P6 against TRL on a
-real checkpoint (``real_model``), which build and use their own virtual environment
-(Tunix, TRL, torch, transformers are never dependencies of jaxalign). The table lists
-id, figure, target, configuration and device.
+B9 (``rl_step``), B12 (``distill_step``), then the peer comparisons P1–P4 (``peers``)
+and P5/P6 against TRL on a real checkpoint (``real_model``), which build and use their
+own virtual environment (Tunix, TRL, torch, transformers are never dependencies of
+jaxalign). The table lists id, figure, target, configuration and device.
 
     python -m benchmarks.run              # the BENCHMARKS.md shapes
     python -m benchmarks.run --quick      # small shapes, a few minutes
@@ -34,6 +34,7 @@ SUITE = (
     ("benchmarks.b6_packing", ("B6",), ["--reps=3"], {}),
     ("benchmarks.sampler", ("B7", "B8"), ["--quick"], {}),
     ("benchmarks.rl_step", ("B9",), ["--quick"], {}),
+    ("benchmarks.distill_step", ("B12",), ["--quick"], {}),
     ("benchmarks.peers", ("P1", "P2", "P3", "P4"), ["--quick"], {}),
     ("benchmarks.real_model", ("P5", "P6"), ["--quick"], {}),
 )

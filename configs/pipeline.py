@@ -92,6 +92,9 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
             _stage("dpo", "configs/dpo.py:test", init_from="sft", overrides=tiny[1:],
                    gates=[dict(metric="task/pass@1", direction="higher", tolerance=1.0)]),
             _stage("grpo", "configs/grpo.py:test", init_from="dpo", overrides=tiny[1:]),
+            # A fresh student distilled from the GRPO policy ("@grpo" is its workdir).
+            _stage("distill", "configs/distill.py:test",
+                   overrides=[*tiny, "distill.teacher=workdir:@grpo"]),
         ]
         evals = eval_suite("test")
     else:

@@ -28,7 +28,8 @@ _HF = flags.DEFINE_string("hf", None, "Hugging Face checkpoint directory to eval
 _BASELINE = flags.DEFINE_string("baseline", "", "Checkpoint to compare with: a workdir, "
                                 "workdir:DIR or hf:DIR.")
 _REFERENCE = flags.DEFINE_string("reference", None, "Reference checkpoint for KL and implicit "
-                                 "rewards (overrides config.reference; '' = none).")
+                                 "rewards (overrides config.reference; '' = none; "
+                                 "'teacher' = a distillation run's teacher).")
 _RM = flags.DEFINE_string("rm", "", "Reward-model workdir for reward evals and win rates "
                           "(overrides config.rewards).")
 _OUT = flags.DEFINE_string("out", None, "Output directory (default: <checkpoint>/eval).")

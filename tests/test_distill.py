@@ -11,6 +11,7 @@ import pytest
 from presets import preset
 
 from jaxalign.data.records import Location, RecordError, validate_prompt
+from jaxalign.evals.report import resolve_reference
 from jaxalign.mesh import make_mesh
 from jaxalign.metrics import read_jsonl
 from jaxalign.train import Trainer, train
@@ -69,6 +70,8 @@ def test_teacher_of_another_shape_trains_the_student(teacher, tmp_path):
     run = json.loads((tmp_path / "run" / "config.json").read_text())
     assert run["model"]["n_layers"] == 2 and run["model"]["d_model"] == 32
     assert evals[-1]["distill/teacher_kl"] < evals[0]["distill/teacher_kl"]
+    # The eval suite's KL is to the teacher with --reference=teacher.
+    assert resolve_reference("teacher", str(tmp_path / "run")) == f"workdir:{teacher}"
 
 
 def test_precomputed_and_chunked_top_k_equal_in_step_top_k(teacher, tmp_path):

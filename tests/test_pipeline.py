@@ -73,8 +73,10 @@ def test_pipeline_resumes_mid_stage_and_skips_finished(tmp_path, monkeypatch,
     calls.clear()
     report = pipe.run()
     # Finished stages are not redone; DPO resumes from its step-2 checkpoint.
-    assert calls == [("3-dpo", 2), ("4-grpo", None)]
-    assert report["columns"] == ["base", "sft", "dpo", "grpo"]
+    assert calls == [("3-dpo", 2), ("4-grpo", None), ("5-distill", None)]
+    assert report["columns"] == ["base", "sft", "dpo", "grpo", "distill"]
+    with open(os.path.join(pipe.dirs["distill"], "config.json")) as f:
+        assert json.load(f)["distill"]["teacher"] == f"workdir:{pipe.dirs['grpo']}"
     assert set(report["metrics"]) == set(config["report_metrics"])
     assert all(v is not None for v in report["metrics"]["task/pass@1"].values())
     assert os.path.isfile(os.path.join(root, "report.md"))

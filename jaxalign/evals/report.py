@@ -284,14 +284,19 @@ def write_report(report: Mapping[str, Any], out_dir: str) -> tuple[str, str]:
 
 
 def resolve_reference(setting: str, candidate: str) -> str:
-    """The reference checkpoint: ``""`` (none), a spec, or ``init_from`` (the candidate
-    run's own ``model.init_from``, when it names a workdir or an HF directory)."""
-    if setting != "init_from":
+    """The reference checkpoint: ``""`` (none), a spec, ``init_from`` (the candidate
+    run's own ``model.init_from``, when it names a workdir or an HF directory) or
+    ``teacher`` (a distillation run's ``distill.teacher``: the ``kl`` eval is then the
+    student's KL to its teacher on held-out prompts)."""
+    if setting not in ("init_from", "teacher"):
         return setting
     kind, path = policy.parse_checkpoint(candidate)
     if kind != "workdir":
         return ""
-    spec = init_from.read_run_config(path).get("model", {}).get("init_from", "scratch")
+    run = init_from.read_run_config(path)
+    if setting == "teacher":
+        return run.get("distill", {}).get("teacher", "")
+    spec = run.get("model", {}).get("init_from", "scratch")
     return "" if spec == "scratch" else spec
 
 
