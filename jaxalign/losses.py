@@ -474,7 +474,8 @@ def distill_beta(loss: str, beta: float) -> float:
 def _kl(p_logps: jax.Array, q_logps: jax.Array) -> jax.Array:
     """``KL(p || q)`` over the last axis from log-probs; tokens where p is 0 add nothing."""
     p = jnp.exp(p_logps)
-    return jnp.sum(jnp.where(p > 0, p * (p_logps - q_logps), 0.0), axis=-1)
+    # where() inside the product: the unpicked branch (0 * inf) must not reach the gradient
+    return jnp.sum(p * jnp.where(p > 0, p_logps - q_logps, 0.0), axis=-1)
 
 
 def generalized_jsd(student_logps: jax.Array, teacher_logps: jax.Array,
@@ -490,7 +491,11 @@ def generalized_jsd(student_logps: jax.Array, teacher_logps: jax.Array,
         return _kl(t, s)
     if beta == 1.0:
         return _kl(s, t)
-    m = jnp.logaddexp(t + jnp.log(beta), s + jnp.log1p(-beta))
+    # A token both give probability 0 (-inf, e.g. masked padding) stays at 0 in M, with
+    # no NaN from logaddexp(-inf, -inf)'s gradient.
+    none = jnp.isneginf(t) & jnp.isneginf(s)
+    m = jnp.where(none, -jnp.inf, jnp.logaddexp(jnp.where(none, 0.0, t) + jnp.log(beta),
+                                                jnp.where(none, 0.0, s) + jnp.log1p(-beta)))
     return beta * _kl(t, m) + (1.0 - beta) * _kl(s, m)
 
 
