@@ -8,10 +8,11 @@ share of steps trained on the student's own samples (``rl.*`` sampling settings)
 
 Presets: ``hf``/``hf_lora`` (a pretrained student, ``--config.model.init_from=hf:<dir>``,
 and its teacher; ``configs/common.py:hf_preset``), ``demo`` (the builtin world: the
-``small`` student from scratch, on-policy, towards ``runs/sft-world-medium``, the
-``medium`` SFT model of ``configs/sft.py:world_medium``) and ``test`` (tiny, seconds;
+``small`` SFT model ``runs/sft-world`` distilled towards ``runs/sft-world-medium``, the
+``medium`` model of ``configs/sft.py:world_medium``, λ = 0.5) and ``test`` (tiny, seconds;
 give the teacher).
 
+    python -m launch.train --config=configs/sft.py:world --workdir=runs/sft-world
     python -m launch.train --config=configs/sft.py:world_medium --workdir=runs/sft-world-medium
     python -m launch.train --config=configs/distill.py:demo --workdir=runs/distill-demo
 
@@ -35,24 +36,30 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     library defaults."""
     config = base_config("distill")
     if arg == "demo":
+        # GKD's recipe: a student already fine-tuned on the demonstrations (the small
+        # world SFT model) distilled towards a larger teacher, half the steps on the
+        # demonstrations, half on its own answers to their prompts.
         config.model = model_config("small")
+        config.model.init_from = "workdir:runs/sft-world"
         config.distill.teacher = "workdir:runs/sft-world-medium"
-        config.distill.on_policy_fraction = 1.0
+        config.distill.on_policy_fraction = 0.5
         config.data.train = config.data.eval = "builtin:world"
-        config.data.train_split = "rl"
         config.data.eval_split = "eval"
         config.data.overlong = "truncate_left"
-        config.data.max_len = config.data.max_prompt_len = 32
+        config.data.max_len = 128
+        config.data.pack = True
+        config.data.max_prompt_len = 64
         config.data.eval_batch_size = 64
-        config.rl.max_new_tokens = 8
+        config.rl.max_new_tokens = 16
         config.rl.rewards = "exact_answer,refusal_correct:0.5"
-        config.train.steps = 600
-        config.train.batch_size = 64
-        config.train.log_every = 25
-        config.train.eval_every = 150
-        config.optim.learning_rate = 3e-3
-        config.optim.warmup_steps = 50
-        config.checkpoint.save_every = 150
+        config.train.steps = 300
+        config.train.batch_size = 16
+        config.train.log_every = 10
+        config.train.eval_every = 100
+        config.optim.learning_rate = 1e-3
+        config.optim.warmup_steps = 10
+        config.optim.schedule = "constant"
+        config.checkpoint.save_every = 100
     elif arg in HF_PRESETS:
         # the world's demonstrations: half the steps on them, half on the student's own
         # answers to their prompts

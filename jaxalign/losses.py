@@ -527,3 +527,61 @@ def topk_distill_divergence(student_logits_btv: jax.Array, teacher_ids_btk: jax.
     student_btk = jnp.take_along_axis(student_logits_btv, teacher_ids_btk, axis=-1)
     return generalized_jsd(_log_softmax(student_btk, temperature),
                            _log_softmax(teacher_logits_btk, temperature), beta)
+
+
+# --- off-policy correction: trainer (behaviour weights) vs sampler log-probs ----------
+
+OFFPOLICY_MODES = ("none", "tis", "mis", "seq_mask")
+
+
+def offpolicy_weights(trainer_logps_bt: jax.Array, sampler_logps_bt: jax.Array,
+                      mask_bt: jax.Array, *, mode: str, cap: float
+                      ) -> tuple[jax.Array, dict[str, tuple[jax.Array, jax.Array]]]:
+    """Gradient-free per-token weights that correct a sampler/trainer mismatch.
+
+    ``r_t = exp(trainer_logp − sampler_logp)`` of each sampled token, in float32 (1 on
+    unmasked positions):
+
+    * ``none``: weights 1;
+    * ``tis`` (truncated importance sampling): ``min(r_t, cap)``;
+    * ``mis`` (masked importance sampling): ``r_t`` inside ``[1/cap, cap]``, else 0;
+    * ``seq_mask`` (GSPO-style): a sequence whose geometric-mean ratio
+      ``exp(mean_t log r_t)`` over its masked tokens leaves ``[1/cap, cap]`` gets
+      weight 0 on every token, any other sequence 1.
+
+    Returns:
+      ``(weights_bt, stats)``; stats are (sum, count) pairs: ``offpolicy/ratio_mean``
+      (mean ``r_t`` over masked tokens) and ``offpolicy/clipped_frac`` — for ``tis``
+      the fraction of masked tokens with ``r_t > cap``, for ``mis`` the fraction of
+      masked tokens zeroed, for ``seq_mask`` the fraction of sequences (those with any
+      masked token) zeroed; 0 for ``none``.
+    """
+    if mode not in OFFPOLICY_MODES:
+        raise ValueError(f"off-policy mode {mode!r}; expected one of {OFFPOLICY_MODES}")
+    mask_bt = jax.lax.stop_gradient(mask_bt).astype(jnp.float32)
+    log_ratio_bt = (jax.lax.stop_gradient(trainer_logps_bt).astype(jnp.float32)
+                    - jax.lax.stop_gradient(sampler_logps_bt).astype(jnp.float32))
+    log_ratio_bt = jnp.where(mask_bt > 0, log_ratio_bt, 0.0)
+    ratio_bt = jnp.exp(log_ratio_bt)
+    n_tokens = jnp.sum(mask_bt)
+    clipped: tuple[jax.Array, jax.Array]
+    if mode == "none":
+        weights_bt = jnp.ones_like(ratio_bt)
+        clipped = (jnp.zeros((), jnp.float32), n_tokens)
+    elif mode == "tis":
+        weights_bt = jnp.minimum(ratio_bt, cap)
+        clipped = (jnp.sum((ratio_bt > cap) * mask_bt), n_tokens)
+    elif mode == "mis":
+        keep_bt = (ratio_bt >= 1.0 / cap) & (ratio_bt <= cap)
+        weights_bt = jnp.where(keep_bt, ratio_bt, 0.0)
+        clipped = (jnp.sum(~keep_bt * mask_bt), n_tokens)
+    else:
+        seq_tokens_b = jnp.sum(mask_bt, -1)
+        seq_ratio_b = jnp.exp(jnp.sum(log_ratio_bt * mask_bt, -1)
+                              / jnp.maximum(seq_tokens_b, 1.0))
+        keep_b = (seq_ratio_b >= 1.0 / cap) & (seq_ratio_b <= cap)
+        weights_bt = jnp.broadcast_to(keep_b[:, None], ratio_bt.shape).astype(jnp.float32)
+        has_b = (seq_tokens_b > 0).astype(jnp.float32)
+        clipped = (jnp.sum(~keep_b * has_b), jnp.sum(has_b))
+    return weights_bt, {"offpolicy/ratio_mean": (jnp.sum(ratio_bt * mask_bt), n_tokens),
+                        "offpolicy/clipped_frac": clipped}

@@ -83,6 +83,11 @@ def check_config(config: Any) -> None:
     if rl.kl_estimator not in losses.KL_ESTIMATORS:
         raise ValueError(f"rl.kl_estimator={rl.kl_estimator!r}; expected one of "
                          f"{list(losses.KL_ESTIMATORS)}")
+    if rl.offpolicy not in losses.OFFPOLICY_MODES:
+        raise ValueError(f"rl.offpolicy={rl.offpolicy!r}; expected one of "
+                         f"{list(losses.OFFPOLICY_MODES)}")
+    if not rl.offpolicy_cap > 1:
+        raise ValueError(f"rl.offpolicy_cap={rl.offpolicy_cap} must be > 1")
     prompts_per_rollout(config)
     rewards.check_spec(rl.rewards)
 
@@ -359,6 +364,10 @@ def rl_config(**overrides: Any):
         epochs=(1, "updates per rollout batch (μ)"),
         minibatches=(1, "optimizer steps per epoch; a rollout is minibatches × "
                      "train.batch_size rows"),
+        offpolicy=("none", "GRPO/PPO policy-loss correction of sampler/trainer mismatch: none | "
+                   "tis (truncated IS) | mis (masked IS) | seq_mask (drop sequences)"),
+        offpolicy_cap=(2.0, "off-policy ratio bound (> 1): tis caps at it, mis and seq_mask "
+                       "zero ratios outside [1/cap, cap]"),
     )
     rl.update(overrides)
     return rl

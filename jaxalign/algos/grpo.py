@@ -18,6 +18,9 @@ and ``config.rl``:
 
 ``rl.kl_coef`` > 0 adds a per-token KL penalty (``rl.kl_estimator`` k1/k2/k3)
 against the frozen initial policy; 0 drops the reference model altogether.
+``rl.offpolicy`` (tis / mis / seq_mask) weighs each token's policy-gradient term by
+the behaviour-weights trainer's over the sampler's probability of the sampled token
+(``losses.offpolicy_weights``), correcting a sampler/trainer mismatch.
 """
 
 from __future__ import annotations
@@ -145,12 +148,19 @@ def make_loss(config: Any):
         pg_bt, ratio_bt, clipped_bt = losses.clipped_policy_loss(
             logps_bt, old_bt, adv_bt, mask_bt, clip_low=g.clip_low, clip_high=g.clip_high,
             sequence_level=g.importance == "sequence")
-        per_token_bt = pg_bt
         metrics: dict[str, tuple[jax.Array, jax.Array]] = {
             "policy/ratio": mean_metric(ratio_bt, mask_bt),
             "policy/clip_fraction": mean_metric(clipped_bt, mask_bt),
             "policy/logp": mean_metric(logps_bt, mask_bt),
         }
+        if rl.offpolicy != "none":
+            # Sampler/trainer mismatch: weigh the policy-gradient term only.
+            w_bt, off_metrics = losses.offpolicy_weights(
+                old_bt, batch["sampler_logps_bt"], mask_bt, mode=rl.offpolicy,
+                cap=float(rl.offpolicy_cap))
+            pg_bt = pg_bt * w_bt
+            metrics.update(off_metrics)
+        per_token_bt = pg_bt
         metrics.update(rollout_lib.consistency_metric(logps_bt, batch, mask_bt))
         if kl_coef > 0:
             kl_bt = losses.kl_penalty(logps_bt, batch["ref_logps_bt"], rl.kl_estimator)

@@ -7,7 +7,8 @@ GAE(γ, λ) over the critic's values gives advantages (whitened over the rollout
 and returns; ``rl.epochs`` passes over ``rl.minibatches`` minibatches then
 optimise the clipped policy loss, the clipped value loss and an entropy bonus.
 β is fixed, or adaptive (``ppo.kl_target`` > 0): it moves to keep the per-sequence
-KL near the target, and its value is checkpointed with the run.
+KL near the target, and its value is checkpointed with the run. ``rl.offpolicy``
+weighs the policy term per token against sampler/trainer mismatch (as in GRPO).
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def loss_weights(batch: Batch) -> dict[str, jax.Array]:
 def make_loss(config: Any):
     """``(loss_fn, loss_weights)`` for ``config.ppo`` / ``config.rl``."""
     check_config(config)
-    p, temperature = config.ppo, float(config.rl.temperature)
+    p, rl, temperature = config.ppo, config.rl, float(config.rl.temperature)
 
     def loss_fn(model: nnx.Module, batch: Batch) -> LossOut:
         h_btd = model.hidden(batch["inputs_bt"], batch["positions_bt"],
@@ -124,6 +125,13 @@ def make_loss(config: Any):
         pg_bt, ratio_bt, clipped_bt = losses.clipped_policy_loss(
             logps_bt, old_bt, batch["advantages_bt"], mask_bt, clip_low=p.clip,
             clip_high=p.clip)
+        off_metrics: dict[str, tuple[jax.Array, jax.Array]] = {}
+        if rl.offpolicy != "none":
+            # Sampler/trainer mismatch: weigh the policy-gradient term only.
+            w_bt, off_metrics = losses.offpolicy_weights(
+                old_bt, batch["sampler_logps_bt"], mask_bt, mode=rl.offpolicy,
+                cap=float(rl.offpolicy_cap))
+            pg_bt = pg_bt * w_bt
         vf_bt = losses.clipped_value_loss(values_bt, batch["old_values_bt"], batch["returns_bt"],
                                           clip=p.value_clip)
         ent_bt = stats["entropy_bt"]
@@ -136,6 +144,7 @@ def make_loss(config: Any):
             "value/loss": mean_metric(vf_bt, mask_bt),
             "value/error": mean_metric(jnp.abs(values_bt - batch["returns_bt"]), mask_bt),
             **rollout_lib.consistency_metric(logps_bt, batch, mask_bt),
+            **off_metrics,
         })
 
     return loss_fn, loss_weights
