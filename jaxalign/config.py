@@ -95,7 +95,8 @@ def sampling_keys(temperature_note: str = "") -> dict[str, tuple[Any, str]]:
         top_p=(1.0, "nucleus sampling: the smallest set of tokens with this much mass; "
                "1 = all"),
         rewards=("exact_answer", "\"name[:weight],...\" of reward functions "
-                 "(jaxalign.rewards); rm:<RM workdir> for a reward model"),
+                 "(jaxalign.rewards), module:function[:weight] for your own, rm:<RM workdir> "
+                 "for a reward model"),
     )
 
 
@@ -367,8 +368,8 @@ def eval_suite_config() -> ml_collections.ConfigDict:
         seed=(0, "seed of the sampled evals and of the subsets"),
         batch_size=(64, "rows per generation / scoring batch"),
         reference=("init_from", "reference for KL and implicit DPO rewards: \"\" (none), "
-                   "init_from (the candidate run's model.init_from), or a checkpoint (DIR, "
-                   "workdir:DIR, hf:DIR)"),
+                   "init_from (the candidate run's model.init_from), teacher (a distillation "
+                   "run's distill.teacher), or a checkpoint (DIR, workdir:DIR, hf:DIR)"),
         rewards=("", "reward for the reward evals, as rl.rewards spells it: \"\" (none) or "
                  "e.g. rm:<RM workdir>"),
         fail_on_reward_hacking=(False, "fail the report when a learned metric rises while its "

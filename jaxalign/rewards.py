@@ -14,13 +14,30 @@ Register your own in a few lines::
         return [float(str(r["answer"]) in c) for c, r in zip(completions, records)]
 
 and select it from a config: ``rl.rewards = "exact_answer:1.0,mentions_answer:0.2"``.
-A trained reward model is an entry too: ``rm:<workdir of an RM run>``.
+A trained reward model is an entry too: ``rm:<workdir of an RM run>``. From the
+command line (e.g. on a TPU pod, where no notebook registers anything) a function
+is named by its import path instead: ``rl.rewards=exact_answer,my_pkg.rewards:score:0.5``.
+
+The spec grammar (see :func:`parse_spec` and :func:`resolve`)::
+
+    spec   := entry ("," entry)*
+    entry  := source [":" weight]        weight: a finite float literal, default 1
+    source := "rm:" WORKDIR              a reward model
+            | NAME                       a registered name (wins over the next form)
+            | MODULE ":" ATTR            MODULE = ident("." ident)*, ATTR = ident("." ident)*
+
+The weight is split off the last ``:`` when it parses as a float and is not an
+identifier (``mod:nan`` is the function ``nan``). An import path is imported when the
+spec is checked (config checking, before any compute), so it must import on every
+host; ``MODULE`` may not be ``rm``. Its scores are logged as ``reward/MODULE.ATTR``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
+import inspect
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -226,10 +243,11 @@ class RewardModelScorer:
 # -- combinations ------------------------------------------------------------------------
 
 def parse_spec(spec: str) -> list[tuple[str, float]]:
-    """``"exact_answer:1,stopped:0.1,rm:runs/rm"`` -> ``[(name, weight), ...]``.
+    """``"exact_answer:1,stopped:0.1,rm:runs/rm,pkg.mod:fn:0.5"`` -> ``[(source, weight), ...]``.
 
     A weight follows the last ``:`` when it parses as a number (default 1), so
-    ``rm:<dir>`` and ``rm:<dir>:0.5`` both work.
+    ``rm:<dir>``, ``rm:<dir>:0.5``, ``pkg.mod:fn`` and ``pkg.mod:fn:0.5`` all work; an
+    identifier is never a weight (``pkg.mod:nan`` names a function ``nan``).
     """
     out = []
     for item in (s.strip() for s in spec.split(",")):
@@ -237,7 +255,7 @@ def parse_spec(spec: str) -> list[tuple[str, float]]:
             continue
         name, weight = item, 1.0
         head, sep, tail = item.rpartition(":")
-        if sep:
+        if sep and not tail.isidentifier():
             try:
                 name, weight = head, float(tail)
             except ValueError:
@@ -249,14 +267,109 @@ def parse_spec(spec: str) -> list[tuple[str, float]]:
     return out
 
 
-def check_spec(spec: str) -> list[tuple[str, float]]:
-    """Parses ``spec`` and checks every name is registered (or an ``rm:`` source)."""
+def is_import_path(name: str) -> bool:
+    """Whether a (weightless) entry is ``MODULE:ATTR``, dotted identifiers each side, and
+    neither a registered name nor an ``rm:`` source."""
+    if name in _REGISTRY or name.startswith("rm:"):
+        return False
+    module, sep, attr = name.partition(":")
+    return bool(sep) and all(p.isidentifier() for p in [*module.split("."), *attr.split(".")])
+
+
+def resolve(name: str, *, key: str = "rl.rewards") -> RewardFn:
+    """The reward function an entry names: a registered name, or ``MODULE:ATTR`` imported.
+
+    Args:
+      name: a spec entry without its weight (not an ``rm:`` source).
+      key: the config key the spec came from, for messages.
+
+    Raises:
+      ValueError: naming the entry: an unknown name, a module that fails to import,
+        a missing attribute, or an object that is not callable with
+        ``(completions, records, ctx)``.
+    """
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if not is_import_path(name):
+        raise ValueError(f"unknown reward {name!r} in {key}; registered: "
+                         f"{', '.join(registered())}, rm:<workdir of an RM run>, or an "
+                         "import path module.name:function")
+    module, _, attr = name.partition(":")
+    where = f"reward {name!r} in {key}"
+    try:
+        obj: Any = importlib.import_module(module)
+    except Exception as e:  # any failure of the user's module: say which entry
+        hint = (f"; {module!r} is a registered reward, so {attr!r} is read as an import "
+                "path: a weight must be a number") if module in _REGISTRY else ""
+        raise ValueError(f"{where}: cannot import module {module!r} "
+                         f"({type(e).__name__}: {e}){hint}") from e
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError as e:
+            raise ValueError(f"{where}: module {module!r} has no attribute {attr!r} "
+                             f"({e})") from e
+    if not callable(obj):
+        raise ValueError(f"{where}: {attr!r} is a {type(obj).__name__}, not a function "
+                         "fn(completions, records, ctx)")
+    try:
+        signature = inspect.signature(obj)
+    except (TypeError, ValueError):  # builtins without a signature: checked at call time
+        return obj
+    try:
+        signature.bind(None, None, None)
+    except TypeError as e:
+        raise ValueError(f"{where}: {attr}{signature} cannot be called as "
+                         f"fn(completions, records, ctx) ({e})") from e
+    return obj
+
+
+def check_spec(spec: str, *, key: str = "rl.rewards") -> list[tuple[str, float]]:
+    """Parses ``spec`` and resolves every entry (registered, ``rm:`` or an import path,
+    imported now) and every weight is finite, so a typo fails before any compute; ``key``
+    names the config key in messages."""
     entries = parse_spec(spec)
-    for name, _ in entries:
-        if not name.startswith("rm:") and name not in _REGISTRY:
-            raise ValueError(f"unknown reward {name!r} in rl.rewards; registered: "
-                             f"{', '.join(registered())}, or rm:<workdir of an RM run>")
+    for name, weight in entries:
+        if not math.isfinite(weight):
+            raise ValueError(f"reward {name!r} in {key} has the weight {weight}; a weight "
+                             "must be a finite number")
+        if not name.startswith("rm:"):
+            resolve(name, key=key)
     return entries
+
+
+class NonFiniteReward(ValueError, FloatingPointError):
+    """A reward function returned NaN or ±inf (a ``ValueError``; also a
+    ``FloatingPointError``, as raised before)."""
+
+
+def _scores(name: str, raw: Any, n: int) -> np.ndarray:
+    """``raw`` as ``float32 [n]``, or a ``ValueError`` naming the reward."""
+    try:
+        arr = np.asarray(raw)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"reward {name!r} returned scores that are not an array of "
+                         f"numbers ({type(raw).__name__}: {e}); expected {n} floats") from e
+    if arr.dtype.kind not in "biuf":
+        raise ValueError(f"reward {name!r} returned non-numeric scores (dtype {arr.dtype}, "
+                         f"shape {arr.shape}); expected {n} floats")
+    scores = np.asarray(arr, np.float32).reshape(-1)
+    if scores.shape != (n,):
+        raise ValueError(f"reward {name!r} returned {scores.shape[0]} scores for "
+                         f"{n} completions (shape {arr.shape}; expected ({n},))")
+    if not np.all(np.isfinite(scores)):
+        rows = np.flatnonzero(~np.isfinite(scores))
+        raise NonFiniteReward(f"reward {name!r} returned a non-finite score "
+                              f"({scores[rows[0]]} at row {rows[0]}; {len(rows)} of {n})")
+    return scores
+
+
+def component_key(name: str) -> str:
+    """The key an entry's scores are logged under (``reward/<key>``): ``rm`` for a reward
+    model, ``module.attr`` for an import path (no ``:``, which gates split on)."""
+    if name.startswith("rm:"):
+        return "rm"
+    return name.replace(":", ".") if is_import_path(name) else name
 
 
 class Rewards:
@@ -273,6 +386,9 @@ class Rewards:
         self.entries = check_spec(spec)
         self.options = dict(options or {})
         self.models: dict[str, RewardModelScorer] = {}
+        # Import paths resolve once; registered names are looked up per call, as before.
+        self.imported = {name: resolve(name) for name, _ in self.entries
+                         if is_import_path(name)}
         for name, _ in self.entries:
             if name.startswith("rm:"):
                 if mesh is None:
@@ -287,17 +403,13 @@ class Rewards:
         components: dict[str, np.ndarray] = {}
         for name, weight in self.entries:
             if name in self.models:
-                scores = self.models[name](ctx.prompt_ids, ctx.completion_ids)
+                raw = self.models[name](ctx.prompt_ids, ctx.completion_ids)
+            elif name in self.imported:
+                raw = self.imported[name](completions, records, ctx)
             else:
-                scores = _REGISTRY[name](completions, records, ctx)
-            scores = np.asarray(scores, np.float32).reshape(-1)
-            if scores.shape != (n,):
-                raise ValueError(f"reward {name!r} returned {scores.shape[0]} scores for "
-                                 f"{n} completions")
-            if not np.all(np.isfinite(scores)):
-                raise FloatingPointError(f"reward {name!r} returned a non-finite score")
-            key = "rm" if name.startswith("rm:") else name
-            components[key] = scores
+                raw = _REGISTRY[name](completions, records, ctx)
+            scores = _scores(name, raw, n)
+            components[component_key(name)] = scores
             total += weight * scores
         return total, components
 

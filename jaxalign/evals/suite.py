@@ -120,6 +120,7 @@ class EvalResult:
 EvalFn = Callable[[EvalContext, list[dict], dict[str, Any]], EvalResult]
 COMMON_OPTIONS = {"kind": "", "source": "builtin:world", "split": "eval", "limit": 0}
 _EVALS: dict[str, tuple[EvalFn, dict[str, Any]]] = {}
+_CHECKED_BY_REWARD = ("task", "reward")  # kinds whose ``check`` is a reward spec
 
 
 def register_eval(kind: str, **defaults: Any) -> Callable[[EvalFn], EvalFn]:
@@ -142,7 +143,8 @@ def registered_evals() -> list[str]:
 
 
 def resolve_options(name: str, entry: Mapping[str, Any]) -> dict[str, Any]:
-    """An entry's options with defaults filled in; unknown kinds and keys are errors."""
+    """An entry's options with defaults filled in; unknown kinds and keys are errors, and
+    so is a task/reward ``check`` spec that does not resolve (``rewards.check_spec``)."""
     kind = entry.get("kind", "")
     if kind not in _EVALS:
         raise ValueError(f"eval {name!r}: unknown kind {kind!r}; registered: "
@@ -152,7 +154,10 @@ def resolve_options(name: str, entry: Mapping[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"eval {name!r} ({kind}): unknown option(s) {unknown}; known: "
                          f"{sorted(known)}")
-    return {**known, **dict(entry)}
+    opts = {**known, **dict(entry)}
+    if kind in _CHECKED_BY_REWARD and opts["check"]:  # registered names, module:function
+        rewards.check_spec(opts["check"], key=f"evals.{name}.check")
+    return opts
 
 
 def select(records: Sequence[dict], limit: int, seed: int) -> list[dict]:
