@@ -281,6 +281,10 @@ class DistillBatches:
     at_boundary = True
 
     def __init__(self, ctx: RunContext, records: Loader | None, prompts: Loader):
+        if jax.process_count() > 1:
+            raise NotImplementedError("sampled distillation batches (on_policy_fraction > 0, "
+                                      "sequence_kd) run in one process for now, as the RL "
+                                      "stages; off-policy distillation runs multi-process")
         self.ctx = ctx
         d, rl = ctx.config.distill, ctx.config.rl
         self.fraction, self.sequence_kd = float(d.on_policy_fraction), bool(d.sequence_kd)
