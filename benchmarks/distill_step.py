@@ -10,24 +10,19 @@ towards a frozen teacher with twice the student's layers, run inside the step.
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import jax
 import numpy as np
 
 from benchmarks import report
-from benchmarks.dpo_step import _sequences
+from benchmarks.dpo_step import _sequences, print_times, single_device_trainer, time_interleaved
 from benchmarks.sft_step import SHAPES
 from jaxalign import policy
 from jaxalign import sharding as shd
-from jaxalign import step as step_lib
 from jaxalign.algos import distill, sft
 from jaxalign.config import base_config
-from jaxalign.mesh import make_mesh
 from jaxalign.models.transformer import TransformerConfig
-from jaxalign.optim import make_optimizer
-from jaxalign.train import state_layout
 
 
 def build(shape: dict, teacher_scale: int = 2):
@@ -38,26 +33,18 @@ def build(shape: dict, teacher_scale: int = 2):
     model_cfg = TransformerConfig.from_mapping(config.model)
     teacher_cfg = TransformerConfig.from_mapping(
         {**config.model.to_dict(), "n_layers": shape["model"]["n_layers"] * teacher_scale})
-    mesh = make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
-    rules = shd.rules_from_config(config.sharding.rules)
-    tx, schedule = make_optimizer(config.optim, 1000)
-    model_def, abstract, shardings, init_fn = state_layout(config, model_cfg, tx, mesh, rules)
-    teacher = policy.load_model("scratch", teacher_cfg, mesh=mesh, rules=rules, init_seed=1)
-
-    def compile_step(loss_fn, weights, frozen_defs=None):
-        return jax.jit(step_lib.make_train_step(
-            loss_fn, weights, model_def=model_def, tx=tx, schedule=schedule, num_micro=1,
-            mesh=mesh, rules=rules, frozen_defs=frozen_defs), donate_argnums=0)
-
+    one = single_device_trainer(config, model_cfg)
+    teacher = policy.load_model("scratch", teacher_cfg, mesh=one.mesh, rules=one.rules,
+                                init_seed=1)
     d_loss, d_weights = distill.make_loss(config)
-    steps = {"sft": compile_step(sft.loss_fn, sft.loss_weights),
-             "distill": compile_step(d_loss, d_weights, {"teacher": teacher.model_def})}
-    states = {k: jax.jit(init_fn, out_shardings=shardings)() for k in steps}
+    steps = {"sft": one.compile_step(sft.loss_fn, sft.loss_weights),
+             "distill": one.compile_step(d_loss, d_weights, {"teacher": teacher.model_def})}
+    states = {k: jax.jit(one.init_fn, out_shardings=one.shardings)() for k in steps}
     batch = shd.global_batch(_sequences(np.random.default_rng(0), shape["batch"], shape["seq"],
-                                        model_cfg.vocab_size), mesh)
+                                        model_cfg.vocab_size), one.mesh)
     frozen = {"sft": None, "distill": {"teacher": teacher.params}}
     count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
-    return steps, states, batch, frozen, count(abstract["params"]), count(teacher.params)
+    return steps, states, batch, frozen, count(one.abstract["params"]), count(teacher.params)
 
 
 def main() -> None:
@@ -71,21 +58,12 @@ def main() -> None:
         jax.block_until_ready((states[name], m))
         return time.perf_counter() - t0
 
-    compile_s = {name: run(name) for name in steps}
-    for name in steps:
-        run(name)
-    times = {name: [] for name in steps}
-    for _ in range(args.reps):
-        for name in steps:
-            times[name].append(run(name))
+    compile_s, times = time_interleaved(run, steps, args.reps)
     ratio = [d / s for d, s in zip(times["distill"], times["sft"], strict=True)]
     print(f"device: {report.device_label()}; student {n_student:,} params, teacher "
           f"{n_teacher:,} ({n_teacher / n_student:.2f}x); {shape['batch']} x {shape['seq']} "
           f"tokens; {args.reps} interleaved repetitions")
-    print("first call (compile + run): " + ", ".join(
-        f"{k} {v:.1f}s" for k, v in compile_s.items()))
-    print("median step: " + ", ".join(
-        f"{k} {statistics.median(v):.3f}s" for k, v in times.items()))
+    print_times(compile_s, times)
     conf = (f"{shape['batch']} x {shape['seq']}, teacher {n_teacher / n_student:.1f}x the "
             f"student, JSD over the full vocabulary, {args.reps} reps")
     report.emit([report.row("B12", "distill step (teacher in the step) / SFT step", ratio,

@@ -77,6 +77,61 @@ class DpoBench:
         return time.perf_counter() - t0
 
 
+@dataclasses.dataclass
+class Trainer:
+    """A one-device mesh, the train state's layout and a step compiler for ``config``.
+
+    ``compile_step(loss_fn, weights, frozen_defs=None)`` is the jitted, donating
+    ``make_train_step`` every benchmark of this kind times.
+    """
+
+    mesh: Any
+    rules: Any
+    model_def: Any
+    abstract: Any
+    shardings: Any
+    init_fn: Callable[[], Any]
+    compile_step: Callable[..., Any]
+
+
+def single_device_trainer(config: ml_collections.ConfigDict,
+                          model_cfg: TransformerConfig) -> Trainer:
+    """The real trainer's step for ``config``/``model_cfg`` on the first device."""
+    mesh = make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    rules = shd.rules_from_config(config.sharding.rules)
+    tx, schedule = make_optimizer(config.optim, 1000)
+    model_def, abstract, shardings, init_fn = state_layout(config, model_cfg, tx, mesh, rules)
+
+    def compile_step(loss_fn, weights, frozen_defs=None):
+        return jax.jit(step_lib.make_train_step(
+            loss_fn, weights, model_def=model_def, tx=tx, schedule=schedule, num_micro=1,
+            mesh=mesh, rules=rules, frozen_defs=frozen_defs), donate_argnums=0)
+
+    return Trainer(mesh, rules, model_def, abstract, shardings, init_fn, compile_step)
+
+
+def time_interleaved(run: Callable[[str], float], names: Any, reps: int
+                     ) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """``(first-call seconds, per-repetition seconds)`` per step name: one call each to
+    compile, one to settle any recompile on committed outputs, then ``reps`` rounds."""
+    compile_s = {name: run(name) for name in names}
+    for name in names:
+        run(name)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(reps):
+        for name in names:
+            times[name].append(run(name))
+    return compile_s, times
+
+
+def print_times(compile_s: dict[str, float], times: dict[str, list[float]]) -> None:
+    """Prints first-call and median step seconds per step name."""
+    print("first call (compile + run): " + ", ".join(
+        f"{k} {v:.1f}s" for k, v in compile_s.items()))
+    print("median step: " + ", ".join(
+        f"{k} {statistics.median(v):.3f}s" for k, v in times.items()))
+
+
 def build_dpo(shape: dict[str, Any], names: tuple[str, ...] = STEPS) -> DpoBench:
     """Steps ``names`` for ``shape`` (``batch`` pairs x ``seq`` tokens a side; sigmoid DPO).
 
@@ -85,20 +140,16 @@ def build_dpo(shape: dict[str, Any], names: tuple[str, ...] = STEPS) -> DpoBench
     pairs, t = shape["batch"], shape["seq"]
     config = base_config("dpo")
     config.model.update(shape["model"])
+    config.data.pack = False  # one pair a row, as the fixed batches below are laid out
     config.dpo = ml_collections.ConfigDict(dict(
         loss_type="sigmoid", beta=0.1, label_smoothing=0.0, discopop_tau=0.05, simpo_gamma=0.5,
         rpo_alpha=0.0, reference="in_step"))
     model_cfg = TransformerConfig.from_mapping(config.model)
-    mesh = make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
-    rules = shd.rules_from_config(config.sharding.rules)
-    tx, schedule = make_optimizer(config.optim, 1000)
-    model_def, abstract, shardings, init_fn = state_layout(config, model_cfg, tx, mesh, rules)
+    one = single_device_trainer(config, model_cfg)
+    model_def, abstract, shardings, init_fn, compile_step = (
+        one.model_def, one.abstract, one.shardings, one.init_fn, one.compile_step)
+    mesh = one.mesh
     dpo_loss, dpo_weights = dpo.make_loss(config)
-
-    def compile_step(loss_fn, weights, frozen_defs=None):
-        return jax.jit(step_lib.make_train_step(
-            loss_fn, weights, model_def=model_def, tx=tx, schedule=schedule, num_micro=1,
-            mesh=mesh, rules=rules, frozen_defs=frozen_defs), donate_argnums=0)
 
     makers = {
         "sft": lambda: compile_step(sft.loss_fn, sft.loss_weights),
@@ -134,23 +185,14 @@ def main() -> None:
     bench = build_dpo(shape)
     steps, run = bench.steps, bench.run
 
-    compile_s = {name: run(name) for name in steps}
-    for name in steps:  # outputs are committed after the first call: settle any recompile
-        run(name)
-    times = {name: [] for name in steps}
-    for _ in range(args.reps):
-        for name in steps:
-            times[name].append(run(name))
+    compile_s, times = time_interleaved(run, steps, args.reps)
     b4 = [d / s for d, s in zip(times["dpo_pre"], times["sft"], strict=True)]
     b5 = [i / p for i, p in zip(times["dpo_in_step"], times["dpo_pre"], strict=True)]
 
     device = report.device_label()
     print(f"device: {device}; model {shape['model']}; {pairs} pairs x {t} tokens a side "
           f"(SFT: {2 * pairs} x {t}); {args.reps} interleaved repetitions")
-    print("first call (compile + run): " + ", ".join(
-        f"{k} {v:.1f}s" for k, v in compile_s.items()))
-    print("median step: " + ", ".join(
-        f"{k} {statistics.median(v):.3f}s" for k, v in times.items()))
+    print_times(compile_s, times)
     conf = f"{pairs} pairs x {t} tokens a side, {args.reps} reps"
     report.emit([
         report.row("B4", "DPO step (precomputed ref) / SFT step on 2N sequences", b4,
