@@ -70,6 +70,8 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
                               "train.eval_at_start=False"],
                    gates=[dict(metric="task/pass@1", direction="higher", tolerance=0.03)]),
         ]
+        # the held-out task's noise on 240 prompts, as the gates above
+        c.rl_health.task_tolerance = 0.03
         evals = eval_suite("default")
         evals.unlock()
         for name, limit in (("task", 240), ("preference", 200), ("safety", 0),

@@ -28,7 +28,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxalign import policy, sampling
+from jaxalign import policy, sampling, storage
 from jaxalign import sharding as shd
 from jaxalign.data.chat import END_OF_TURN_TOKENS, ChatTemplate, Messages, get_template
 from jaxalign.data.records import Location, RecordError, validate_prompt
@@ -72,7 +72,7 @@ def _parse_spec(spec: str) -> tuple[str, str]:
     try:
         return init_from.parse(spec)
     except ValueError as e:
-        if os.path.isdir(os.path.expanduser(spec)):  # a bare directory: a workdir or HF dir
+        if storage.isdir(os.path.expanduser(spec)):  # a bare directory: a workdir or HF dir
             return policy.parse_checkpoint(spec)
         raise ValueError(f"cannot chat with {spec!r}: {e}") from None
 

@@ -3,19 +3,24 @@
 Each checkpoint holds the train state (params, optimizer state, step, RNG,
 non-finite counters) and the data position as JSON. Orbax writes into a
 temporary directory and renames it when complete, so a save interrupted by a
-crash or kill is never listed, let alone restored.
+crash or kill is never listed, let alone restored. On an object store (``gs://``)
+Orbax writes through tensorstore and marks a finished step with a
+``commit_success.txt`` object instead; a step without it is not listed either. The
+manifest of digests below is read and written through ``jaxalign.storage`` on
+either.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+
+from jaxalign import storage
 
 # Orbax detects a truncated file only by a failed read deep inside TensorStore and
 # does not notice flipped bytes at all, so every finished checkpoint gets a
@@ -29,16 +34,14 @@ class CheckpointSaveError(RuntimeError):
 
 def _digests(step_dir: str) -> dict[str, str]:
     out = {}
-    for root, _, files in os.walk(step_dir):
-        for name in sorted(files):
-            if name in (MANIFEST, MANIFEST + ".tmp"):
-                continue
-            path = os.path.join(root, name)
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            out[os.path.relpath(path, step_dir)] = h.hexdigest()
+    for rel in storage.walk_files(step_dir):
+        if rel.rsplit("/", 1)[-1].startswith(MANIFEST):  # the manifest and its temporaries
+            continue
+        h = hashlib.sha256()
+        with storage.open_read(storage.join(step_dir, rel)) as f:
+            for block in iter(lambda f=f: f.read(1 << 20), b""):
+                h.update(block)
+        out[rel] = h.hexdigest()
     return out
 
 
@@ -48,12 +51,11 @@ def verify_step_dir(step_dir: str) -> str | None:
     A checkpoint without a manifest (the process died between Orbax's commit and
     the manifest write) is not rejected here; Orbax's own reads still check it.
     """
-    path = os.path.join(step_dir, MANIFEST)
-    if not os.path.exists(path):
+    path = storage.join(step_dir, MANIFEST)
+    if not storage.exists(path):
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            want = json.load(f)
+        want = json.loads(storage.read_text(path))
     except (OSError, ValueError) as e:
         return f"unreadable manifest ({e})"
     have = _digests(step_dir)
@@ -69,7 +71,7 @@ class Checkpointer:
     """Thin wrapper over ``ocp.CheckpointManager`` for one workdir."""
 
     def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = storage.absolute(directory)
         self.save_every = max(int(save_every), 1)
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=max(int(save_every), 1),
@@ -102,7 +104,7 @@ class Checkpointer:
             raise self._save_error(step, e) from e
 
     def _step_dir(self, step: int) -> str:
-        return os.path.join(self.directory, str(step))
+        return storage.join(self.directory, str(step))
 
     def _write_manifests(self, skip: int | None = None) -> None:
         """Digests every finished checkpoint that has no manifest yet (process 0 only)."""
@@ -110,14 +112,12 @@ class Checkpointer:
             return
         for step in self._manager.all_steps():
             step_dir = self._step_dir(step)
-            if step == skip or os.path.exists(os.path.join(step_dir, MANIFEST)):
+            if step == skip or storage.exists(storage.join(step_dir, MANIFEST)):
                 continue
             digests = _digests(step_dir)
-            tmp = os.path.join(step_dir, MANIFEST + ".tmp")
             try:
-                with open(tmp, "w", encoding="utf-8") as f:
-                    json.dump(digests, f, indent=0, sort_keys=True)
-                os.replace(tmp, os.path.join(step_dir, MANIFEST))
+                storage.write_json(storage.join(step_dir, MANIFEST), digests, indent=0,
+                                   sort_keys=True)
             except OSError as e:
                 raise self._save_error(step, e, "the checksum manifest of checkpoint") from e
 

@@ -164,7 +164,7 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
                       "[b, t, vocab] logits; 0 = whole sequence"),
         init_from=("scratch", "initial weights: scratch | hf:<dir> | gguf:<file> (llama.cpp; "
                    "dequantised) | workdir:<dir> (the latest checkpoint of an earlier run; "
-                   "jaxalign.models.init_from)"),
+                   "jaxalign.models.init_from); <dir>/<file> may be a gs:// URL"),
     )
     m.update({k: v for k, v in RELEASED.get(preset, {}).items() if k not in MODEL_PRESETS["tiny"]})
     return m
@@ -176,7 +176,8 @@ def data_config() -> ml_collections.ConfigDict:
         "data", "Where records come from and how they become batches (jaxalign.data.loader."
         "DataSettings).",
         train=("builtin:tasks", "training source: builtin:<name> | jsonl:<path or glob> | "
-               "parquet:<path or glob> | arrow:<save_to_disk dir> | tfds:<name>[/<cfg>][:<ver>]"),
+               "parquet:<path or glob> | arrow:<save_to_disk dir> | tfds:<name>[/<cfg>][:<ver>]; "
+               "jsonl/parquet paths may be gs:// URLs"),
         eval=("auto", "eval source (same forms); auto = a builtin training source's "
               "data.eval_split, or a held-out slice of user training records "
               "(data.eval_fraction; jaxalign.data.holdout); \"\" = no eval"),
@@ -186,8 +187,8 @@ def data_config() -> ml_collections.ConfigDict:
                           "out"),
         train_split=("train", "split of the training source"),
         eval_split=("eval", "split of the eval source"),
-        dir=("", "where JSONL/Parquet conversions and TFDS datasets live; \"\" = "
-             "~/.cache/jaxalign/datasets, TFDS's own"),
+        dir=("", "where JSONL/Parquet conversions and TFDS datasets live (a local directory: "
+             "conversions are memory-mapped); \"\" = ~/.cache/jaxalign/datasets, TFDS's own"),
         fields=section(
             "data.fields", "Stage field -> source column renames, e.g. "
             "--config.data.fields.prompt=question; \"\" = the same name.",
@@ -243,7 +244,7 @@ def _run_sections(stage: str) -> dict[str, Any]:
         tokenizer=("auto", "auto (the init_from source's: an hf:<dir>'s own, a gguf:<file>'s, "
                    "an earlier run's for workdir:, builtin:world from scratch; "
                    "jaxalign.models.lineage) | builtin:<name> | SentencePiece model | "
-                   "tokenizer.json | HF directory"),
+                   "tokenizer.json | HF directory (a file or directory may be a gs:// URL)"),
         data=data_config(),
     )
 
@@ -396,6 +397,12 @@ def pipeline_config() -> ml_collections.ConfigDict:
                 "earlier stage), overrides (\"key=value\"; @<stage> = its workdir) and gates"),
         evals=(eval_suite_config(), "the eval suite run after each policy stage (an "
                "eval-suite config)"),
+        rl_health=(dict(max_logp_gap=0.05, min_entropy_ratio=0.2, task_tolerance=0.02,
+                        window=0.25, reward_metric="reward/mean", task_metric="task/pass@1"),
+                   "limits checked after each RL stage (jaxalign.evals.rl_health): sampler/"
+                   "trainer log-prob gap, entropy collapse, training reward up while the "
+                   "held-out task metric falls; a stage's own rl_health dict overrides keys, "
+                   "rl_health=False turns it off"),
     )
 
 

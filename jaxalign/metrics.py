@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxalign import storage
+
 
 def to_python(metrics: Mapping[str, Any]) -> dict[str, float]:
     """Fetches device scalars into plain floats (one host transfer for the dict)."""
@@ -28,26 +30,23 @@ class JsonlWriter:
     """Appends one JSON object per logged step to ``WORKDIR/metrics.jsonl``.
 
     Only process 0 writes; non-finite numbers are written as strings
-    ("nan", "inf") so every line stays valid JSON.
+    ("nan", "inf") so every line stays valid JSON. On an object store every
+    line rewrites the object (``storage.open_append``).
     """
 
     def __init__(self, workdir: str, truncate_after: int | None = None,
                  filename: str = "metrics.jsonl"):
-        self.path = os.path.join(workdir, filename)
-        self._file: TextIO | None = None
+        self.path = storage.join(workdir, filename)
+        self._file: Any = None
         if jax.process_index() != 0:
             return
-        if truncate_after is not None and os.path.exists(self.path):
-            with open(self.path, encoding="utf-8") as f:
-                lines = f.readlines()
+        if truncate_after is not None and storage.exists(self.path):
+            lines = storage.read_text(self.path).splitlines(keepends=True)
             # A torn last line (killed mid-write) is dropped with the rows past the step.
             keep = [ln for ln in lines if ln.endswith("\n") and _row_step(ln) <= truncate_after]
             if len(keep) != len(lines):
-                tmp = self.path + ".tmp"
-                with open(tmp, "w", encoding="utf-8") as f:
-                    f.writelines(keep)
-                os.replace(tmp, self.path)
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+                storage.write_text(self.path, "".join(keep))
+        self._file = storage.open_append(self.path)
 
     def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
         row: dict[str, Any] = {"step": int(step), "split": split}
@@ -76,9 +75,8 @@ def _row_step(line: str) -> int:
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
-    """Reads a metrics file back (used by tests, plots and reports)."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """Reads a metrics file back (used by tests, plots and reports); ``path`` may be a URL."""
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
 # -- TensorBoard event files ------------------------------------------------------
@@ -161,18 +159,18 @@ class TensorBoardWriter:
     """
 
     def __init__(self, workdir: str, purge_step: int | None = None):
-        self.logdir = os.path.join(workdir, "tb")
+        self.logdir = storage.join(workdir, "tb")
         self._file = None
         if jax.process_index() != 0:
             return
-        os.makedirs(self.logdir, exist_ok=True)
+        storage.makedirs(self.logdir)
         # TensorBoard reads a directory's files in name order. Whole seconds alone would
         # let a run resumed within the same second reuse the name; microseconds keep
         # the names distinct and in creation order.
         now = time.time_ns() // 1000
         name = (f"events.out.tfevents.{now // 10**6:010d}.{socket.gethostname()}."
                 f"{now % 10**6:06d}.{os.getpid()}")
-        self._file = open(os.path.join(self.logdir, name), "ab")  # noqa: SIM115
+        self._file = storage.open_append(storage.join(self.logdir, name), binary=True)
         self._write(_event(0, file_version="brain.Event:2"))
         if purge_step is not None:
             self._write(_event(purge_step, session_start=True))
@@ -229,18 +227,18 @@ class WandbWriter:
         if not settings.get("wandb_project") or jax.process_index() != 0:
             return
         wandb = self._wandb = _import_wandb()
-        id_path = os.path.join(workdir, "wandb_run_id")
-        if os.path.exists(id_path):
-            with open(id_path, encoding="utf-8") as f:
-                run_id = f.read().strip()
+        id_path = storage.join(workdir, "wandb_run_id")
+        if storage.exists(id_path):
+            run_id = storage.read_text(id_path).strip()
         else:
             run_id = wandb.util.generate_id()
-            with open(id_path, "w", encoding="utf-8") as f:
-                f.write(run_id + "\n")
+            storage.write_text(id_path, run_id + "\n")
         self._run = wandb.init(
             project=settings["wandb_project"], entity=settings.get("wandb_entity") or None,
-            name=settings.get("wandb_name") or os.path.basename(os.path.normpath(workdir)),
-            mode=settings.get("wandb_mode") or None, id=run_id, resume="allow", dir=workdir,
+            name=settings.get("wandb_name") or storage.basename(workdir),
+            mode=settings.get("wandb_mode") or None, id=run_id, resume="allow",
+            # W&B keeps its own files on a local disk.
+            dir=None if storage.is_url(workdir) else workdir,
             config=dict(run_config or {}))
 
     def scalars(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
@@ -278,7 +276,7 @@ class MetricsWriter:
                  resume_step: int | None = None, run_config: Mapping[str, Any] | None = None):
         settings = dict(settings or {})
         if jax.process_index() == 0:
-            os.makedirs(workdir, exist_ok=True)
+            storage.makedirs(workdir)
         self.jsonl = JsonlWriter(workdir, truncate_after=resume_step)
         self.samples = JsonlWriter(workdir, truncate_after=resume_step, filename="samples.jsonl")
         self.tb = (TensorBoardWriter(workdir, None if resume_step is None else resume_step + 1)
@@ -369,20 +367,27 @@ class Throughput:
     completion, every packed segment); ``positions_per_s`` counts every position the
     model processed, padding included; ``mfu`` is the model FLOPs of the non-padding
     tokens (``flops_per_token(width)`` each, the batch's padded width as the attention
-    length) per second over ``peak_flops``.
+    length) per second over ``peak_flops``. A batch that runs the unembedding only at
+    its loss positions (``add(..., unembedded=n)``) is booked ``unembed_flops`` (6·V·D)
+    for those ``n`` tokens only, not for every token.
     """
 
-    def __init__(self, flops_per_token: Any, peak_flops: float):
+    def __init__(self, flops_per_token: Any, peak_flops: float, unembed_flops: float = 0.0):
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
+        self.unembed_flops = unembed_flops
         self._t = time.perf_counter()
         self._tokens = self._positions = self._flops = 0.0
 
-    def add(self, tokens: float, positions: float, width: int) -> None:
-        """Books one batch: its non-padding tokens, all its positions, its row width."""
+    def add(self, tokens: float, positions: float, width: int,
+            unembedded: float | None = None) -> None:
+        """Books one batch: its non-padding tokens, all its positions, its row width and,
+        when it unembeds only some tokens, how many."""
         self._tokens += tokens
         self._positions += positions
         self._flops += tokens * self.flops_per_token(width)
+        if unembedded is not None:
+            self._flops -= max(tokens - unembedded, 0.0) * self.unembed_flops
 
     def reset(self) -> None:
         self._t = time.perf_counter()

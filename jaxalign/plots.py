@@ -7,12 +7,14 @@ each run one colour, train rows solid and eval rows dashed.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from jaxalign import storage
 from jaxalign.metrics import read_jsonl
 
 # (group, test on the metric name); the first match wins, the rest go to "other".
@@ -54,8 +56,8 @@ def load_series(workdir: str) -> dict[tuple[str, str], tuple[list[int], list[flo
     Raises:
       FileNotFoundError: the workdir has no ``metrics.jsonl``.
     """
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = storage.join(workdir, "metrics.jsonl")
+    if not storage.exists(path):
         raise FileNotFoundError(f"{path} not found: is {workdir} a jaxalign run directory?")
     out: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
     for row in read_jsonl(path):
@@ -72,10 +74,10 @@ def load_series(workdir: str) -> dict[tuple[str, str], tuple[list[int], list[flo
 
 def run_labels(workdirs: Sequence[str]) -> list[str]:
     """Workdir basenames, or the paths as given where basenames collide."""
-    names = [os.path.basename(os.path.normpath(w)) for w in workdirs]
+    names = [storage.basename(w) for w in workdirs]
     if len(set(names)) == len(names):
         return names
-    return [os.path.normpath(w) for w in workdirs]
+    return [w.rstrip("/") if storage.is_url(w) else os.path.normpath(w) for w in workdirs]
 
 
 def plot_runs(workdirs: Sequence[str], out: str, labels: Sequence[str] | None = None,
@@ -84,7 +86,7 @@ def plot_runs(workdirs: Sequence[str], out: str, labels: Sequence[str] | None = 
 
     Args:
       workdirs: run directories holding ``metrics.jsonl``.
-      out: output directory (created).
+      out: output directory (created), local or a URL.
       labels: legend names, one per workdir; default :func:`run_labels`.
       dpi: resolution of the PNGs.
 
@@ -103,7 +105,7 @@ def plot_runs(workdirs: Sequence[str], out: str, labels: Sequence[str] | None = 
             if key not in keys:
                 keys.append(key)
     order = [g for g, _ in _GROUPS] + ["other"]
-    os.makedirs(out, exist_ok=True)
+    storage.makedirs(out)
     colors = [f"C{i % 10}" for i in range(len(runs))]
     paths = []
     for group in sorted(metrics_by_group, key=order.index):
@@ -131,8 +133,10 @@ def plot_runs(workdirs: Sequence[str], out: str, labels: Sequence[str] | None = 
             ax.set_visible(False)
         if len(keys) > 1:
             fig.suptitle(_TITLES.get(group, group))
-        path = os.path.join(out, f"{group}.png")
-        fig.savefig(path, dpi=dpi)
+        path = storage.join(out, f"{group}.png")
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=dpi)
+        storage.write_bytes(path, png.getvalue())
         paths.append(path)
     return paths
 
@@ -140,6 +144,18 @@ def plot_runs(workdirs: Sequence[str], out: str, labels: Sequence[str] | None = 
 def default_out(workdirs: Sequence[str]) -> str:
     """``DIR/plots`` for one run; ``<common parent>/plots`` for several."""
     if len(workdirs) == 1:
-        return os.path.join(workdirs[0], "plots")
+        return storage.join(workdirs[0], "plots")
+    if any(storage.is_url(w) for w in workdirs):
+        # The longest common prefix of whole components (posixpath keeps "gs://" intact).
+        parts = [w.rstrip("/").split("/") for w in workdirs]
+        common = []
+        for p in zip(*parts, strict=False):
+            if len(set(p)) != 1:
+                break
+            common.append(p[0])
+        if len(common) < 3:  # not even one bucket in common
+            raise ValueError(f"runs {list(workdirs)} share no directory to write plots to: "
+                             "name an output directory")
+        return "/".join([*common, "plots"])
     parent = os.path.commonpath([os.path.abspath(w) for w in workdirs])
     return os.path.join(parent, "plots")

@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxalign import losses, sampling
+from jaxalign import losses, multihost, sampling, storage
 from jaxalign import sharding as shd
 from jaxalign.data.chat import get_template
 from jaxalign.data.tokenizer import load_tokenizer
@@ -166,14 +166,11 @@ def _compiled(kind: str, model_def: ModelDef, mesh: Mesh | None, rules: shd.Rule
 def place_rows(arrays: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Host row arrays on the mesh: row-sharded when the rows split evenly, else replicated.
 
-    A rollout or eval of ``G`` samples per prompt may have fewer prompts than
+    Every process passes the whole batch (``jaxalign.multihost``): each device takes its
+    own rows. A rollout or eval of ``G`` samples per prompt may have fewer prompts than
     data-parallel devices; the sampler's ``B × G`` rows are sharded either way.
     """
-    rows = next(iter(arrays.values())).shape[0]
-    if rows % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0:
-        return shd.global_batch(dict(arrays), mesh)
-    rep = shd.replicated(mesh)
-    return {k: jax.device_put(v, rep) for k, v in arrays.items()}
+    return multihost.global_rows(arrays, mesh, replicate_uneven=True)
 
 
 def _placed(arrays: Mapping[str, np.ndarray], mesh: Mesh | None) -> dict[str, jax.Array]:
@@ -207,13 +204,15 @@ def sample_batch(model_def: ModelDef, params: Any, tokens_bt: np.ndarray, mask_b
 
     Returns:
       The :class:`~jaxalign.sampling.SampleOut` (``B * num_samples`` rows), on the host.
+      With several processes every process passes (and gets back) the whole batch; the
+      rows are sampled on the devices that hold them.
     """
     def build():
         return sampling.make_sampler(model_def, cfg, mesh=mesh, rules=rules)
 
     sampler = _compiled("sample", model_def, mesh, rules, build, cfg)
     placed = _placed({"t": tokens_bt, "m": mask_bt}, mesh)
-    return jax.device_get(sampler(params, placed["t"], placed["m"], rng))
+    return multihost.fetch(sampler(params, placed["t"], placed["m"], rng))
 
 
 def samples(out: sampling.SampleOut) -> list[Sample]:
@@ -294,7 +293,7 @@ def token_logps(model_def: ModelDef, params: Any, sequences: Sequence[Sequence[i
         positions_bt = np.broadcast_to(np.arange(width, dtype=np.int32), (rows, width))
         placed = _placed({"t": tokens_bt, "p": np.ascontiguousarray(positions_bt),
                           "s": segment_ids_bt}, mesh)
-        logps_bt = np.asarray(jax.device_get(fn(params, placed["t"], placed["p"], placed["s"])))
+        logps_bt = multihost.fetch(fn(params, placed["t"], placed["p"], placed["s"]))
         out += [logps_bt[r, :len(chunk[r]) - 1] for r in range(n)]
     return out
 
@@ -379,15 +378,17 @@ def parse_checkpoint(spec: str) -> tuple[str, str]:
     """``"hf:DIR"`` / ``"workdir:DIR"`` / a bare ``DIR`` -> ``(kind, path)``.
 
     A bare directory is a workdir unless it holds a ``config.json`` with safetensors
-    beside it and no ``checkpoints/`` (an HF checkpoint).
+    beside it and no ``checkpoints/`` (an HF checkpoint). A URL (``gs://...``) is read
+    through ``jaxalign.storage``: a workdir in place, an HF directory from a local copy.
     """
     for kind in ("hf", "workdir"):
         if spec.startswith(kind + ":"):
-            return kind, os.path.expanduser(spec[len(kind) + 1:])
+            path = os.path.expanduser(spec[len(kind) + 1:])
+            return kind, storage.local_copy(path) if kind == "hf" else path
     path = os.path.expanduser(spec)
-    if (os.path.isdir(path) and not os.path.isdir(os.path.join(path, "checkpoints"))
-            and any(f.endswith(".safetensors") for f in os.listdir(path))):
-        return "hf", path
+    if (storage.isdir(path) and not storage.isdir(storage.join(path, "checkpoints"))
+            and any(f.endswith(".safetensors") for f in storage.listdir(path))):
+        return "hf", storage.local_copy(path)
     return "workdir", path
 
 

@@ -11,19 +11,21 @@ recomputes it.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from jaxalign import sharding as shd
+from jaxalign import storage
 
 ColumnsFn = Callable[[Any, Mapping[str, jax.Array]], dict[str, jax.Array]]
 
@@ -38,6 +40,21 @@ def _local_rows(x: np.ndarray, rows: int) -> np.ndarray:
     """This process's contiguous block of a global per-row column."""
     start = jax.process_index() * rows
     return x[start:start + rows]
+
+
+def params_digest(params: Any) -> str:
+    """A digest of a parameter tree's values (per leaf: shape, sum and sum of squares in
+    float32, reduced on device); equal trees on the same mesh give equal digests."""
+
+    @jax.jit
+    def stats(tree):
+        return [jnp.stack([jnp.sum(x.astype(jnp.float32)), jnp.sum(jnp.square(
+            x.astype(jnp.float32)))]) for x in jax.tree.leaves(tree)]
+
+    # each result is replicated: every process reads its own copy
+    values = [np.asarray(v.addressable_data(0)).tolist() for v in stats(params)]
+    shapes = [list(x.shape) for x in jax.tree.leaves(params)]
+    return hashlib.sha256(json.dumps([shapes, values]).encode()).hexdigest()
 
 
 def _stack(columns: list[np.ndarray]) -> np.ndarray:
@@ -81,11 +98,12 @@ class PrecomputedColumns:
 
     def prepare_train(self, make_iterator: Callable[[], Any], steps: int) -> bool:
         """Loads the cache or computes it over batches ``0..steps-1``; True if computed."""
-        if os.path.exists(self.path):
+        if storage.exists(self.path):
             try:
                 # allow_pickle=False (numpy's default, spelled out): a planted pickle in
                 # the workdir is refused, never unpickled.
-                with np.load(self.path, allow_pickle=False) as f:
+                with np.load(io.BytesIO(storage.read_bytes(self.path)),
+                             allow_pickle=False) as f:
                     if str(f["key"]) == self.key:
                         self.train = {k: f[k] for k in f.files if k != "key"}
                         return False
@@ -100,9 +118,9 @@ class PrecomputedColumns:
             it.close()
         self.train = {k: _stack([r[k] for r in rows]) for k in rows[0]}
         if jax.process_index() == 0:
-            tmp = self.path + ".tmp.npz"
-            np.savez(tmp, key=np.asarray(self.key), **self.train)
-            os.replace(tmp, self.path)
+            buf = io.BytesIO()
+            np.savez(buf, key=np.asarray(self.key), **self.train)
+            storage.write_bytes(self.path, buf.getvalue())
         return True
 
     def for_train_batch(self, step: int, local_rows: int) -> dict[str, np.ndarray]:

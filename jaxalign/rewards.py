@@ -46,7 +46,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxalign import policy
+from jaxalign import multihost, policy
 from jaxalign import sharding as shd
 from jaxalign.data.world import REFUSAL
 from jaxalign.models import init_from
@@ -217,27 +217,38 @@ class RewardModelScorer:
 
     def __call__(self, prompt_ids: Sequence[Sequence[int]],
                  completion_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """Scores of the given rows; with several processes a collective: each passes its
+        own rows (any count), every process's rows are scored in one sharded batch laid
+        out as on one process, and each gets its own rows' scores back."""
         seqs = []
         for p, c in zip(prompt_ids, completion_ids, strict=True):
             ids = list(p) + list(c)
             if not c or c[-1] != self.eos_id:
                 ids.append(self.eos_id)
             seqs.append(ids[:-1])
-        width = max(self.max_len, max(len(s) for s in seqs))
-        # Rows must split over the data-parallel devices: pad with empty rows.
-        dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        rows = -(-len(seqs) // dp) * dp
-        tokens = np.full((rows, width), self.pad_id, np.int32)
-        segments = np.zeros((rows, width), np.int32)
-        positions = np.zeros((rows, width), np.int32)
+        width = multihost.agree_max(max([self.max_len, *(len(s) for s in seqs)]))
+        tokens = np.full((len(seqs), width), self.pad_id, np.int32)
         for i, s in enumerate(seqs):
             s = s[-width:]
             tokens[i, :len(s)] = s
-            segments[i, :len(s)] = 1
-            positions[i, :len(s)] = np.arange(len(s))
-        batch = shd.global_batch({"t": tokens, "p": positions, "s": segments}, self.mesh)
+        lengths = np.asarray([min(len(s), width) for s in seqs], np.int32)
+        own = slice(0, len(seqs))
+        if jax.process_count() > 1:
+            counts = multihost.gather_rows(np.asarray([len(seqs)]))
+            start = int(counts[:jax.process_index()].sum())
+            own = slice(start, start + len(seqs))
+            tokens, lengths = multihost.gather_rows(tokens), multihost.gather_rows(lengths)
+        # Rows must split over the data-parallel devices: pad with empty rows.
+        dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        rows = max(-(-len(lengths) // dp) * dp, dp)
+        pad = rows - len(lengths)
+        tokens = np.concatenate([tokens, np.full((pad, width), self.pad_id, np.int32)])
+        segments = (np.arange(width)[None] < np.concatenate([lengths, np.zeros(pad, np.int32)]
+                                                            )[:, None]).astype(np.int32)
+        positions = np.where(segments > 0, np.arange(width, dtype=np.int32)[None], 0)
+        batch = multihost.global_rows({"t": tokens, "p": positions, "s": segments}, self.mesh)
         out = self._score(self.params, batch["t"], batch["p"], batch["s"])
-        return np.asarray(jax.device_get(out), np.float32)[:len(seqs)]
+        return np.asarray(multihost.fetch(out), np.float32)[own]
 
 
 # -- combinations ------------------------------------------------------------------------
@@ -397,13 +408,24 @@ class Rewards:
                                                       eos_id=eos_id, pad_id=pad_id)
 
     def __call__(self, completions: Sequence[str], records: Sequence[Mapping[str, Any]],
-                 ctx: RewardContext) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                 ctx: RewardContext, *, gather: bool = False
+                 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """``(total_b, components)`` of the given rows.
+
+        With several processes this is a collective (a reward model scores every
+        process's rows in one batch): each process passes its own rows, which its
+        reward functions score on this host. With ``gather``, every process gets every
+        process's scores back, concatenated in process order
+        (``jaxalign.multihost.gather_rows``); else its own.
+        """
         n = len(completions)
         total = np.zeros(n, np.float32)
         components: dict[str, np.ndarray] = {}
         for name, weight in self.entries:
             if name in self.models:
                 raw = self.models[name](ctx.prompt_ids, ctx.completion_ids)
+            elif not n:  # a process with no rows of its own this time
+                raw = np.zeros(0, np.float32)
             elif name in self.imported:
                 raw = self.imported[name](completions, records, ctx)
             else:
@@ -411,6 +433,9 @@ class Rewards:
             scores = _scores(name, raw, n)
             components[component_key(name)] = scores
             total += weight * scores
+        if gather:
+            total = multihost.gather_rows(total)
+            components = multihost.gather_tree(components)
         return total, components
 
 

@@ -14,6 +14,13 @@ Sequences are laid out by ``sampling.completion_batch`` as ``[left-padded prompt
 completion | padding]``; position ``t`` of ``inputs_bt`` predicts ``targets_bt[t]``,
 and ``loss_mask_bt`` marks the targets that are generated tokens (the stop token
 included). Log-probs are those of the sampling distribution (logits / temperature).
+
+With several processes (``jax.distributed``) each process loads its share of the
+prompts; the shares are gathered (``jaxalign.multihost``), every device samples the
+rows it holds, each process scores its own prompts' samples (reward functions run
+on that host) and the scores are gathered. Every process then holds the whole
+rollout and runs the same host code on it (advantages, selection, minibatches), so
+the numbers are those of one process; each minibatch is placed as a global array.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign import losses, policy, rewards, sampling
+from jaxalign import losses, multihost, policy, rewards, sampling
 from jaxalign import sharding as shd
 from jaxalign.algos.base import Loader, RunContext
 from jaxalign.config import sampling_keys, section
@@ -122,9 +129,6 @@ class Rollout:
 
     def __post_init__(self):
         ctx = self.ctx
-        if jax.process_count() > 1:
-            raise NotImplementedError("RL stages run in one process for now (any number of "
-                                      "devices); multi-process rollouts are not supported yet")
         config = ctx.config
         check_config(config)
         rl = config.rl
@@ -178,38 +182,31 @@ class Rollout:
         self.host_state = dict(state)
 
     def __call__(self, state: Mapping[str, Any], host: Mapping[str, Any], step: int
-                 ) -> list[tuple[dict[str, jax.Array], dict[str, float]]]:
-        """The training batches (and host metrics) of one rollout started at ``step``."""
+                 ) -> list[tuple[dict[str, jax.Array], dict[str, np.ndarray],
+                                 dict[str, float]]]:
+        """The training batches of one rollout started at ``step``: each as a global
+        batch, the same rows on the host (every process holds them all) and host metrics.
+
+        ``host`` is this process's share of the prompt batch. Every process gathers the
+        whole batch, the sampler draws each row on the devices that hold it, each
+        process scores its own prompts' samples, and from the gathered rewards on every
+        process lays out the whole rollout (advantages, selection, minibatches) with
+        the same host code: the numbers do not depend on the process count.
+        """
         mesh, g = self.ctx.mesh, self.rl.num_samples
         t0 = time.perf_counter()
+        prompts = multihost.gather_tree({k: host[k] for k in ("prompt_tokens_bt",
+                                                              "prompt_mask_bt")})
         # The sampler reads the trainer's params in place: no weight copy.
-        out = policy.sample_batch(self.ctx.model_def, state["params"], host["prompt_tokens_bt"],
-                                  host["prompt_mask_bt"], jax.random.fold_in(self._key, step),
+        out = policy.sample_batch(self.ctx.model_def, state["params"], prompts["prompt_tokens_bt"],
+                                  prompts["prompt_mask_bt"], jax.random.fold_in(self._key, step),
                                   self.sampling, mesh=mesh, rules=self.ctx.rules)
         t1 = time.perf_counter()
-
-        prompt_tokens = np.repeat(host["prompt_tokens_bt"], g, axis=0)
-        prompt_mask = np.repeat(host["prompt_mask_bt"], g, axis=0)
-        records = [e for e in host["extras"] for _ in range(g)]
-        tokens_bn = np.asarray(out.tokens_bn)
-        lengths = np.asarray(out.lengths_b)
-        completion_ids = [list(tokens_bn[i, :lengths[i]]) for i in range(len(lengths))]
-        texts = [self.tokenizer.decode([x for x in ids if x != self.eos_id])
-                 for ids in completion_ids]
-        prompt_ids = [list(prompt_tokens[i][prompt_mask[i] > 0]) for i in range(len(lengths))]
-        real_b = np.asarray([bool(r) for r in records])
-        ctx = rewards.RewardContext(
-            lengths=lengths, stopped=np.asarray(out.stopped_b),
-            max_new_tokens=self.rl.max_new_tokens, prompt_ids=prompt_ids,
-            completion_ids=completion_ids, options=self.rl.to_dict())
-        # Padding prompts (empty records) are scored as 0 and carry no weight.
-        safe = [r if r else {"answer": "", "kind": "task"} for r in records]
-        reward_b, parts = self.scorer(texts, safe, ctx)
-        reward_b = np.where(real_b, reward_b, 0.0).astype(np.float32)
+        reward_b, parts, real_b = self._score(prompts, out, host["extras"])
         t2 = time.perf_counter()
 
         seq = jax.device_get(sampling.completion_batch(
-            host["prompt_tokens_bt"], host["prompt_mask_bt"], out, g))
+            prompts["prompt_tokens_bt"], prompts["prompt_mask_bt"], out, g))
         batch = {"inputs_bt": seq["tokens_bt"], "targets_bt": seq["targets_bt"],
                  "positions_bt": seq["positions_bt"], "segment_ids_bt": seq["segment_ids_bt"],
                  "loss_mask_bt": seq["completion_mask_bt"],
@@ -229,33 +226,61 @@ class Rollout:
         else:
             train_reward_b = reward_b
         if self.has_reference or self.reuse or self.value_fn is not None:
-            seq = shd.global_batch({k: batch[k] for k in SEQ_KEYS}, mesh)
+            seq = multihost.global_rows({k: batch[k] for k in SEQ_KEYS}, mesh)
             ref = state["params"] if self.shared_reference else self.reference
-            cols = jax.device_get(self._logprob_pass(state["params"], ref, seq))
-            batch.update({k: np.asarray(v) for k, v in cols.items()})
+            batch.update(multihost.fetch(self._logprob_pass(state["params"], ref, seq)))
         t3 = time.perf_counter()
         extra, metrics = self.advantages(batch, train_reward_b)
         metrics.update(select_metrics)
         batch.update(extra)
 
         real = max(int(real_b.sum()), 1)
+        lengths, stopped = np.asarray(out.lengths_b), np.asarray(out.stopped_b)
         metrics.update({
             "reward/mean": float(reward_b[real_b].mean()) if real_b.any() else 0.0,
             "completion/length": float(lengths[real_b].mean()) if real_b.any() else 0.0,
-            "completion/stopped": float(np.asarray(out.stopped_b)[real_b].mean())
-            if real_b.any() else 0.0,
+            "completion/stopped": float(stopped[real_b].mean()) if real_b.any() else 0.0,
             "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/logprobs_s": t3 - t2,
             # The sampler reads the trainer's params in place: there is no copy to time.
             "time/handoff_s": 0.0,
         })
         for name, scores in parts.items():
             metrics[f"reward/{name}"] = float(scores[real_b].sum() / real)
-        self.last_samples = list(zip([self.tokenizer.decode(x) for x in prompt_ids[:g * 2:g]],
-                                     texts[:g * 2:g], strict=True))
         return self._minibatches(batch, metrics, step)
 
-    def _minibatches(self, batch: dict[str, np.ndarray], metrics: dict[str, float],
-                     step: int) -> list[tuple[dict[str, jax.Array], dict[str, float]]]:
+    def _score(self, prompts: Mapping[str, np.ndarray], out: sampling.SampleOut,
+               extras: list[dict[str, Any]]
+               ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+        """Decodes and scores this process's rows (the samples of its own prompts, whose
+        records ``extras`` are); returns every row's reward, components and realness."""
+        g = self.rl.num_samples
+        own = multihost.process_share(len(out.lengths_b))
+        tokens_bn = np.asarray(out.tokens_bn)[own]
+        lengths, stopped = np.asarray(out.lengths_b)[own], np.asarray(out.stopped_b)[own]
+        prompt_tokens = np.repeat(prompts["prompt_tokens_bt"], g, axis=0)[own]
+        prompt_mask = np.repeat(prompts["prompt_mask_bt"], g, axis=0)[own]
+        records = [e for e in extras for _ in range(g)]
+        if len(records) != len(lengths):
+            raise ValueError(f"{len(records)} prompt records for this process's "
+                             f"{len(lengths)} sampled rows")
+        completion_ids = [list(tokens_bn[i, :lengths[i]]) for i in range(len(lengths))]
+        texts = [self.tokenizer.decode([x for x in ids if x != self.eos_id])
+                 for ids in completion_ids]
+        prompt_ids = [list(prompt_tokens[i][prompt_mask[i] > 0]) for i in range(len(lengths))]
+        ctx = rewards.RewardContext(
+            lengths=lengths, stopped=stopped, max_new_tokens=self.rl.max_new_tokens,
+            prompt_ids=prompt_ids, completion_ids=completion_ids, options=self.rl.to_dict())
+        # Padding prompts (empty records) are scored as 0 and carry no weight.
+        safe = [r if r else {"answer": "", "kind": "task"} for r in records]
+        reward_b, parts = self.scorer(texts, safe, ctx, gather=True)
+        real_b = multihost.gather_rows(np.asarray([bool(r) for r in records], bool))
+        self.last_samples = list(zip([self.tokenizer.decode(x) for x in prompt_ids[:g * 2:g]],
+                                     texts[:g * 2:g], strict=True))
+        return np.where(real_b, reward_b, 0.0).astype(np.float32), parts, real_b
+
+    def _minibatches(self, batch: dict[str, np.ndarray], metrics: dict[str, float], step: int
+                     ) -> list[tuple[dict[str, jax.Array], dict[str, np.ndarray],
+                                     dict[str, float]]]:
         rows = self.ctx.config.train.batch_size
         m = self.rl.minibatches
         rng = np.random.default_rng([self.ctx.config.seed, step])
@@ -272,7 +297,7 @@ class Rollout:
             for i in range(m):
                 idx = order[i * rows:(i + 1) * rows] if m > 1 else np.arange(rows)
                 part = {k: v[idx] for k, v in batch.items()}
-                out.append((shd.global_batch(part, self.ctx.mesh), share))
+                out.append((multihost.global_rows(part, self.ctx.mesh), part, share))
         return out
 
 
@@ -287,11 +312,13 @@ class RolloutBatches:
     """
 
     synchronous = True  # the next rollout needs this update's params anyway
+    host_is_global = True  # every process holds the whole rollout
 
     def __init__(self, rollout: Rollout, prompts: Loader):
         self.rollout = rollout
         self.prompts = prompts.iterator()
-        self._queue: list[tuple[dict[str, jax.Array], dict[str, float]]] = []
+        self._queue: list[tuple[dict[str, jax.Array], dict[str, np.ndarray],
+                                dict[str, float]]] = []
         self._state = self.prompts.get_state()
         self._t0 = 0.0
 
@@ -300,9 +327,9 @@ class RolloutBatches:
             self._queue = self.rollout(state, next(self.prompts), step)
             self._state = {**self.prompts.get_state(),
                            ROLLOUT_STATE_KEY: self.rollout.state()}
-        batch, host_metrics = self._queue.pop(0)
+        batch, host, host_metrics = self._queue.pop(0)
         self._t0 = time.perf_counter()
-        return batch, batch, dict(host_metrics)
+        return batch, host, dict(host_metrics)
 
     def after_update(self, metrics: Any, host_metrics: dict[str, float]) -> dict[str, float]:
         """Waits for the update (the time split stays honest) and adds the split."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import os
 import sys
 import time
 from collections.abc import Mapping
@@ -20,7 +19,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxalign import algos
+from jaxalign import algos, storage
 from jaxalign import sharding as shd
 from jaxalign import step as step_lib
 from jaxalign.algos.base import BatchSource, Loader, RunContext
@@ -40,7 +39,7 @@ from jaxalign.metrics import (
 from jaxalign.models import init_from, lineage, lora
 from jaxalign.models.transformer import Transformer, TransformerConfig
 from jaxalign.optim import make_optimizer
-from jaxalign.precompute import PrecomputedColumns
+from jaxalign.precompute import PrecomputedColumns, params_digest
 from jaxalign.preemption import Preemption
 
 # Model fields that change parameter shapes or meaning: a checkpoint written
@@ -65,24 +64,14 @@ def check_batch_layout(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
                          f"by the data-parallel size {dp}")
 
 
-def check_workdir_path(workdir: str) -> None:
-    """Refuses URLs (``gs://...``): the run's own files are written with local file calls,
-    so such a path would become a local directory named like the URL."""
-    if "://" in workdir:
-        raise ValueError(f"--workdir={workdir!r}: URL workdirs are not supported; mount the "
-                         "bucket (e.g. Cloud Storage FUSE, as launch/tpu_pod.sh setup does) "
-                         "and pass the mounted path")
-
-
 def check_workdir_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
     """Refuses to resume a workdir whose checkpoints come from another model or stage."""
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    path = os.path.join(workdir, "config.json")
-    if not (os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir) and os.path.exists(path)):
+    ckpt_dir = storage.join(workdir, "checkpoints")
+    path = storage.join(workdir, "config.json")
+    if not (storage.isdir(ckpt_dir) and storage.listdir(ckpt_dir) and storage.exists(path)):
         return
     try:
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
+        old = json.loads(storage.read_text(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); it records the config the "
                          "checkpoints beside it were written with: restore it or use a new "
@@ -219,7 +208,6 @@ class Trainer:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str,
                  mesh: Mesh | None = None):
         check_config(config)  # typos and impossible sizes fail before any work
-        check_workdir_path(workdir)
         maybe_initialize_distributed()
         self.workdir = workdir
         self.mesh = mesh if mesh is not None else make_mesh(config.mesh)
@@ -234,7 +222,7 @@ class Trainer:
             raise ValueError(f"train.nonfinite={config.train.nonfinite!r}; expected stop or skip")
         check_workdir_compatible(workdir, config)
         MetricsWriter.check_sinks(config.metrics)
-        os.makedirs(workdir, exist_ok=True)
+        storage.makedirs(workdir)
 
         self.tokenizer = load_tokenizer(config.tokenizer)
         check_vocab(self.tokenizer, self.model_cfg.vocab_size)
@@ -253,7 +241,7 @@ class Trainer:
         barrier("init")
         self._write_run_config()
         self.checkpointer = Checkpointer(
-            os.path.join(workdir, "checkpoints"), save_every=config.checkpoint.save_every,
+            storage.join(workdir, "checkpoints"), save_every=config.checkpoint.save_every,
             keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
         self.state, restored_data = self._init_or_restore()
         self.context = RunContext(
@@ -287,12 +275,9 @@ class Trainer:
     def _write_run_config(self) -> None:
         """Writes ``config.json`` only now, with every process past its compatibility
         check (which reads the old file), and atomically, so a kill mid-write never
-        leaves a truncated file."""
+        leaves a truncated file (``storage.write_text``)."""
         if jax.process_index() == 0:
-            path = os.path.join(self.workdir, "config.json")
-            with open(path + ".tmp", "w", encoding="utf-8") as f:
-                f.write(to_json(self.config))
-            os.replace(path + ".tmp", path)
+            storage.write_text(storage.join(self.workdir, "config.json"), to_json(self.config))
 
     def _build_steps(self) -> None:
         """Jits the train and eval steps; frozen models stay outside the donated state."""
@@ -361,9 +346,12 @@ class Trainer:
         c = self.config
         fingerprint = {"stage": c.stage, "model": c.model.to_dict(), "data": c.data.to_dict(),
                        "steps": c.train.steps, "batch_size": c.train.batch_size,
-                       "options": c[c.stage].to_dict() if c.stage in c else {}}
+                       "options": c[c.stage].to_dict() if c.stage in c else {},
+                       # the frozen model's weights themselves: a teacher or reference
+                       # retrained at the same path must not reuse the old columns
+                       "frozen_params": params_digest(params)}
         cols = PrecomputedColumns(
-            os.path.join(self.workdir, f"precomputed_{name}.npz"), fingerprint,
+            storage.join(self.workdir, f"precomputed_{name}.npz"), fingerprint,
             lambda batch: jitted(params, batch), self.mesh, device_fields)
         t0 = time.perf_counter()
         if cols.prepare_train(self.train_data.iterator, c.train.steps):
@@ -473,13 +461,16 @@ class Trainer:
         progress.line(
             f"model: {n:,} matmul params; FLOPs/token = 6*N_matmul + 6*L*T*D = 6*{n} + "
             f"6*{model_cfg.n_layers}*T*{model_cfg.d_model} ({flops_tok:.3e} at T = "
-            f"max_len {seq_len}; T = each batch's padded width); peak {peak:.3e} FLOP/s "
-            f"({peak_src}). tokens_per_s and mfu count non-padding tokens only, "
+            f"max_len {seq_len}; T = each batch's padded width; where a batch gathers its "
+            f"loss positions, the unembedding's 6*V*D only at those); peak {peak:.3e} "
+            f"FLOP/s ({peak_src}). tokens_per_s and mfu count non-padding tokens only, "
             "positions_per_s every padded position")
         progress.line(f"mesh {dict(self.mesh.shape)} on {jax.device_count()} "
                       f"{jax.devices()[0].platform} devices; starting at step {start}")
-        return StepLog(writer, progress, Throughput(model_cfg.flops_per_token, peak), start=start,
-                       total=cfg.train.steps, check=self._check_nonfinite)
+        throughput = Throughput(model_cfg.flops_per_token, peak,
+                                unembed_flops=6.0 * model_cfg.d_model * model_cfg.vocab_size)
+        return StepLog(writer, progress, throughput, start=start, total=cfg.train.steps,
+                       check=self._check_nonfinite)
 
     def _log_step(self, log: StepLog, done: int, stop: int, metrics: Any,
                   host_metrics: dict[str, float], host: Mapping[str, Any],
@@ -490,9 +481,11 @@ class Trainer:
         real, positions = packing.real_tokens(host)
         # A loader's host batch is this process's share (the others' are alike in size);
         # a rollout's is already the global batch.
-        local = bool(device_fields(host))
+        local = bool(device_fields(host)) and not getattr(self.batches, "host_is_global", False)
         share = jax.process_count() if local else 1
-        log.throughput.add(real * share, positions * share, _width(host))
+        unembedded = packing.unembedded_tokens(host)
+        log.throughput.add(real * share, positions * share, _width(host),
+                           None if unembedded is None else unembedded * share)
         cfg = self.config.train
         if done % cfg.log_every == 0 or done == cfg.steps:
             log.hold(done, metrics, host_metrics, self.batches.metrics())
@@ -563,7 +556,9 @@ class Trainer:
             t0 = time.perf_counter()
             compiled = self.train_step.lower(self.state, batch, self.frozen).compile()
             rows = next(iter(batch.values())).shape[0]
-            msg = (f"train_step compiled for {rows} rows x {_width(batch)} positions in "
+            ks = sorted({v.shape[1] for k, v in batch.items() if k.endswith("loss_index_bk")})
+            at = f" ({'/'.join(map(str, ks))} loss positions a row)" if ks else ""
+            msg = (f"train_step compiled for {rows} rows x {_width(batch)} positions{at} in "
                    f"{time.perf_counter() - t0:.1f}s")
             mem = compiled.memory_analysis()
             if mem is not None:

@@ -19,6 +19,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
+from jaxalign import storage
 from jaxalign.config import apply_overrides
 from jaxalign.jobs import sweep
 from launch import config_flag, run, start
@@ -58,7 +59,7 @@ def report(results, root: str) -> None:
     print(sweep.summary_table(results))
     print(f"summary: {os.path.join(root, 'sweep_summary.md')} (and .json)")
     done = [r["workdir"] for r in results
-            if os.path.exists(os.path.join(r["workdir"], "metrics.jsonl"))]
+            if storage.exists(storage.join(r["workdir"], "metrics.jsonl"))]
     if _PLOT.value and done:
         from jaxalign.plots import plot_runs
 

@@ -2,35 +2,36 @@
 # Train on a Cloud TPU VM slice: the same command runs on every worker (host) of the slice,
 # through `gcloud compute tpus tpu-vm ssh --worker=all`.
 #
-#   TPU_NAME=... ZONE=... [PROJECT=...] BUCKET=... launch/tpu_pod.sh setup
-#   TPU_NAME=... ZONE=... launch/tpu_pod.sh train --config=... --workdir=/mnt/gcs/runs/NAME ...
-#   TPU_NAME=... ZONE=... launch/tpu_pod.sh sweep --config=... --sweep=NAME --workdir=...
+#   TPU_NAME=... ZONE=... [PROJECT=...] launch/tpu_pod.sh setup
+#   TPU_NAME=... ZONE=... launch/tpu_pod.sh train --config=... --workdir=gs://BUCKET/runs/NAME ...
+#   TPU_NAME=... ZONE=... launch/tpu_pod.sh sweep --config=... --sweep=NAME --workdir=gs://...
 #   TPU_NAME=... ZONE=... launch/tpu_pod.sh logs    # follow worker 0's log
 #   TPU_NAME=... ZONE=... launch/tpu_pod.sh stop    # SIGTERM: checkpoint at the next step, exit
 #
-# `setup` copies this checkout to ~/jaxalign on every worker, installs it with jax[tpu] into
-# ~/jaxalign/.venv and mounts gs://$BUCKET at $MOUNT (default /mnt/gcs) with Cloud Storage
-# FUSE, at the same path on every worker. Use a workdir under $MOUNT: every process writes
-# its own shards of each Orbax checkpoint (tensorstore, through the mount) to
-# WORKDIR/checkpoints/, and process 0 writes config.json, metrics.jsonl and tb/ next to them.
-# Create the bucket with hierarchical namespace (`gcloud storage buckets create gs://B
-# --enable-hierarchical-namespace --uniform-bucket-level-access`): Orbax commits a checkpoint
-# by renaming its directory, which is atomic there. A Filestore (NFS) share mounted on every
-# worker works as well. `train` and `sweep` run detached (nohup) and log to
-# ~/jaxalign-train.log on each worker; JAXALIGN_DISTRIBUTED=auto lets JAX find the other
-# workers. Each process reads only its block of rows of every global batch, so
-# train.batch_size must be divisible by the number of hosts.
+# `setup` copies this checkout to ~/jaxalign on every worker and installs it with jax[tpu]
+# and the gcs extra (gcsfs) into ~/jaxalign/.venv. The workdir is a gs:// URL, written
+# straight to the bucket with the TPU VM's service account (no mount): every process
+# writes its own shards of each Orbax checkpoint to WORKDIR/checkpoints/ through
+# tensorstore's GCS driver, and process 0 writes config.json, metrics.jsonl, tb/ and the
+# checkpoint manifests next to them through gcsfs (see jaxalign/storage.py for what an
+# atomic write means on a bucket). A plain bucket works: Orbax marks a finished checkpoint
+# with a commit_success.txt object rather than a rename. A local path shared by every
+# worker (a Filestore/NFS mount) works as well. `train` and `sweep` run detached (nohup)
+# and log to ~/jaxalign-train.log on each worker; JAXALIGN_DISTRIBUTED=auto lets JAX find
+# the other workers. Each process reads only its block of rows of every global batch, so
+# train.batch_size must be divisible by the number of hosts. Data, init_from and tokenizer
+# may be gs:// URLs too (jsonl:gs://..., parquet:gs://..., hf:gs://...).
 #
 # Worked example, v5p-32 (16 chips on 4 hosts; one JAX device per chip):
 #
 #   gcloud compute tpus tpu-vm create my-v5p --zone=us-east5-a --accelerator-type=v5p-32 \
 #       --version=v2-alpha-tpuv5
-#   export TPU_NAME=my-v5p ZONE=us-east5-a BUCKET=my-bucket
+#   export TPU_NAME=my-v5p ZONE=us-east5-a
 #   launch/tpu_pod.sh setup
-#   launch/tpu_pod.sh train --config=configs/sft.py:demo --workdir=/mnt/gcs/runs/sft-v5p \
+#   launch/tpu_pod.sh train --config=configs/sft.py:demo --workdir=gs://my-bucket/runs/sft-v5p \
 #       --config.mesh.data=1 --config.mesh.fsdp=16 --config.train.batch_size=256
 #   launch/tpu_pod.sh logs
-#   gcloud storage rsync -r gs://my-bucket/runs/sft-v5p runs/sft-v5p   # then TensorBoard/plots
+#   tensorboard --logdir=gs://my-bucket/runs/sft-v5p/tb      # or launch.plot / launch.eval on it
 #
 # Mesh settings for common slices:
 #   v4-8   (4 chips, 1 host):   --config.mesh.data=1 --config.mesh.fsdp=4  (data=4 for small models)
@@ -41,7 +42,6 @@ set -euo pipefail
 
 : "${TPU_NAME:?set TPU_NAME to the name of the TPU VM}"
 : "${ZONE:?set ZONE to the zone of the TPU VM}"
-MOUNT=${MOUNT:-/mnt/gcs}
 REMOTE_DIR=${REMOTE_DIR:-jaxalign}
 LOG=jaxalign-train.log
 GCLOUD_ARGS=(--zone="${ZONE}")
@@ -55,7 +55,6 @@ on_all_workers() {
 }
 
 setup() {
-  : "${BUCKET:?set BUCKET to the GCS bucket for workdirs (without gs://)}"
   local tarball
   tarball=$(mktemp --suffix=.tgz)
   tar czf "${tarball}" --exclude=.venv --exclude=.git --exclude=runs --exclude=__pycache__ \
@@ -67,17 +66,7 @@ setup() {
     mkdir -p ~/${REMOTE_DIR} && tar xzf ~/jaxalign.tgz -C ~/${REMOTE_DIR}
     cd ~/${REMOTE_DIR} && python3 -m venv .venv
     .venv/bin/pip install --quiet --upgrade pip
-    .venv/bin/pip install --quiet -e . 'jax[tpu]'
-    if ! command -v gcsfuse >/dev/null; then
-      echo \"deb https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main\" \
-        | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null
-      curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg \
-        | sudo gpg --dearmor --yes -o /etc/apt/trusted.gpg.d/gcsfuse.gpg
-      sudo apt-get update -qq && sudo apt-get install -y -qq gcsfuse
-    fi
-    sudo mkdir -p ${MOUNT} && sudo chown \$(id -u):\$(id -g) ${MOUNT}
-    mountpoint -q ${MOUNT} || gcsfuse --implicit-dirs --rename-dir-limit=200000 \
-      --metadata-cache-ttl-secs=0 ${BUCKET} ${MOUNT}"
+    .venv/bin/pip install --quiet -e '.[gcs]' 'jax[tpu]'"
 }
 
 # Starts `python -m <module> <args>` detached on every worker.

@@ -158,3 +158,16 @@ def test_an_sft_chat_is_a_prompt_up_to_its_last_assistant_turn():
                         {"role": "assistant", "content": "a"}]}
     with pytest.raises(RecordError, match=r"jsonl:x.jsonl, line 3, field 'messages\[1\]'"):
         validate_prompt(bad, Location("jsonl:x.jsonl", 3, unit="line"))
+
+
+def test_params_digest_tells_retrained_weights_apart():
+    """The precomputed-columns cache is keyed by the frozen model's values, so a teacher
+    (or reference) retrained at the same path is never read through a stale cache."""
+    from jaxalign.precompute import params_digest
+    tree = {"a": jax.numpy.arange(6.0).reshape(2, 3), "b": {"c": jax.numpy.ones(4)}}
+    same = jax.tree.map(lambda x: x + 0, tree)
+    assert params_digest(tree) == params_digest(same)
+    nudged = {**tree, "b": {"c": tree["b"]["c"].at[2].add(1e-3)}}
+    assert params_digest(nudged) != params_digest(tree)
+    reshaped = {**tree, "a": tree["a"].reshape(3, 2)}
+    assert params_digest(reshaped) != params_digest(tree)

@@ -30,6 +30,22 @@ def test_throughput_counts_tokens_positions_and_flops(monkeypatch):
     assert got["mfu"] == pytest.approx((70 * 100 + 200 * 300) / 2 / 1000)
 
 
+def test_unembedding_booked_only_where_the_batch_gathers_loss_positions(monkeypatch):
+    """A batch that unembeds only its loss positions is booked 6·V·D for those alone."""
+    clock = iter([0.0, 1.0])
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    t = Throughput(lambda width: 100.0, peak_flops=1.0, unembed_flops=40.0)
+    t.add(10, 16, 8, unembedded=4)   # 10 tokens at 100, minus 6 not unembedded at 40
+    t.add(5, 8, 8)                   # every token unembedded
+    assert t.read()["mfu"] == pytest.approx(10 * 100 - 6 * 40 + 5 * 100)
+    mask_bt = np.array([[0, 1, 1, 0], [1, 0, 0, 0]], np.float32)
+    batch = {"chosen_loss_mask_bt": mask_bt, "rejected_loss_mask_bt": mask_bt[:, ::-1],
+             "chosen_loss_index_bk": np.zeros((2, 2), np.int32),
+             "rejected_loss_index_bk": np.zeros((2, 2), np.int32)}
+    assert packing.unembedded_tokens(batch) == 6
+    assert packing.unembedded_tokens({"loss_mask_bt": mask_bt}) is None
+
+
 def test_real_tokens_hand_count():
     seg_bt = np.array([[1, 1, 1, 0, 0], [1, 1, 2, 2, 2]], np.int32)
     prompt_mask_bt = np.array([[0, 1, 1], [1, 1, 1]], np.int32)

@@ -150,13 +150,6 @@ def test_bad_batch_layout_errors(tmp_path):
         Trainer(_config(**{"mesh.data": 3}), str(tmp_path))
 
 
-def test_url_workdir_is_refused_before_any_work(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match="URL workdirs are not supported; mount the bucket"):
-        Trainer(_config(), "gs://bucket/runs/x")
-    assert not os.path.exists(tmp_path / "gs:")
-
-
 def test_incompatible_workdir_is_refused(tmp_path):
     workdir = str(tmp_path / "w")
     train(_config(**{"train.steps": 2, "data.eval": ""}), workdir)

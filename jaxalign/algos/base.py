@@ -52,10 +52,13 @@ class BatchSource(Protocol):
     """
 
     synchronous: bool  # every step waits for the device (RL); metrics are read at once
+    # Optional: True when ``next``'s host batch holds every process's rows (a rollout's),
+    # not only this process's share (a loader's); throughput counts tokens by it.
+    host_is_global: bool
 
     def next(self, state: Mapping[str, Any], step: int
-             ) -> tuple[dict[str, jax.Array], Metrics, int]:
-        """``(global batch, host metrics, non-global token count)`` for ``step``."""
+             ) -> tuple[dict[str, jax.Array], dict[str, Any], Metrics]:
+        """``(global batch, host batch, host metrics)`` for ``step``."""
         ...
 
     def after_update(self, metrics: Mapping[str, Any], host_metrics: Metrics) -> Metrics:

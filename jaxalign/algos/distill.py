@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxalign import losses, pairs, policy, rollout, sampling
+from jaxalign import losses, multihost, pairs, policy, rollout, sampling
 from jaxalign import sharding as shd
 from jaxalign.algos.base import Loader, RunContext, Stage
 from jaxalign.config import section
@@ -281,10 +281,6 @@ class DistillBatches:
     at_boundary = True
 
     def __init__(self, ctx: RunContext, records: Loader | None, prompts: Loader):
-        if jax.process_count() > 1:
-            raise NotImplementedError("sampled distillation batches (on_policy_fraction > 0, "
-                                      "sequence_kd) run in one process for now, as the RL "
-                                      "stages; off-policy distillation runs multi-process")
         self.ctx = ctx
         d, rl = ctx.config.distill, ctx.config.rl
         self.fraction, self.sequence_kd = float(d.on_policy_fraction), bool(d.sequence_kd)
@@ -305,14 +301,19 @@ class DistillBatches:
                     < self.fraction)
 
     def _sampled(self, model_def: Any, params: Any, step: int) -> tuple[dict, dict]:
+        """This process's rows of a batch sampled from its share of the prompts (every
+        process samples the gathered whole batch: rows as on one process)."""
         host = next(self.prompts)
         t0 = time.perf_counter()
-        out = policy.sample_batch(model_def, params, host["prompt_tokens_bt"],
-                                  host["prompt_mask_bt"], jax.random.fold_in(self._key, step),
+        prompts = multihost.gather_tree({k: host[k] for k in ("prompt_tokens_bt",
+                                                              "prompt_mask_bt")})
+        out = policy.sample_batch(model_def, params, prompts["prompt_tokens_bt"],
+                                  prompts["prompt_mask_bt"], jax.random.fold_in(self._key, step),
                                   self.sampling, mesh=self.ctx.mesh, rules=self.ctx.rules)
-        seq = jax.device_get(sampling.completion_batch(host["prompt_tokens_bt"],
-                                                       host["prompt_mask_bt"], out))
-        real_b = np.asarray([bool(e) for e in host["extras"]], np.float32)
+        seq = jax.device_get(sampling.completion_batch(prompts["prompt_tokens_bt"],
+                                                       prompts["prompt_mask_bt"], out))
+        real_b = multihost.gather_rows(np.asarray([bool(e) for e in host["extras"]],
+                                                  np.float32))
         batch = {"inputs_bt": seq["tokens_bt"], "targets_bt": seq["targets_bt"],
                  "positions_bt": seq["positions_bt"], "segment_ids_bt": seq["segment_ids_bt"],
                  # padding prompts (empty records) carry no loss
@@ -320,7 +321,8 @@ class DistillBatches:
         lengths = np.asarray(out.lengths_b)[real_b > 0]
         metrics = {"time/rollout_s": time.perf_counter() - t0,
                    "completion/length": float(lengths.mean()) if len(lengths) else 0.0}
-        return {k: np.asarray(v) for k, v in batch.items()}, metrics
+        own = multihost.process_share(len(real_b))
+        return {k: np.asarray(v)[own] for k, v in batch.items()}, metrics
 
     def next(self, state: Mapping[str, Any], step: int):
         on_policy = self._on_policy(step)
@@ -401,7 +403,7 @@ def make_evaluator(ctx: RunContext):
         arrays = {"inputs_bt": seq["tokens_bt"], "positions_bt": seq["positions_bt"],
                   "segment_ids_bt": seq["segment_ids_bt"],
                   "loss_mask_bt": np.asarray(seq["completion_mask_bt"]) * real_b[:, None]}
-        total, count = jax.device_get(kl_jit(params, shd.global_batch(
+        total, count = multihost.fetch(kl_jit(params, multihost.global_rows(
             {k: np.asarray(v) for k, v in arrays.items()}, ctx.mesh)))
         return {"distill/teacher_kl": (float(total), float(count))}
 

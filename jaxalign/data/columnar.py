@@ -1,8 +1,8 @@
 """Columnar sources: Parquet files and ``datasets`` ``save_to_disk`` directories.
 
 * ``parquet:<path, glob or directory>`` — Parquet files (a directory means its
-  ``*.parquet``), or a ``<scheme>://`` URL that ``pyarrow.fs`` opens (``gs://``,
-  ``s3://``, ``file://``; a glob only in the last path component). On first use each
+  ``*.parquet``), or a ``<scheme>://`` URL read through ``jaxalign.storage`` (``gs://``,
+  ``file://``, ``s3://`` with s3fs installed). On first use each
   file is converted once, streaming, into an uncompressed Arrow IPC stream under the
   data directory, keyed by a digest of the files' contents as ``jsonl:`` conversions
   are: a changed file is converted again and the stale copy removed.
@@ -23,7 +23,6 @@ records. Locations name the file and the row within that file, counted from 0.
 
 from __future__ import annotations
 
-import fnmatch
 import glob
 import hashlib
 import json
@@ -41,8 +40,9 @@ import pyarrow.parquet as pq
 from absl import logging
 from pyarrow import fs as pafs
 
+from jaxalign import storage
 from jaxalign.data.records import Location
-from jaxalign.data.sources import DEFAULT_DATA_DIR, file_lock
+from jaxalign.data.sources import cache_root, file_lock
 
 ROW_UNIT = "0-based row"
 _PARQUET_VERSION = "1.0.0"
@@ -129,8 +129,8 @@ class ArrowSource:
 # --- parquet ----------------------------------------------------------------------------
 
 
-def _parquet_files(pattern: str) -> tuple[pafs.FileSystem, list[str], list[str]]:
-    """The filesystem, paths and labels (``parquet:<file>``) of the files matched."""
+def _parquet_files(pattern: str) -> tuple[list[str], list[str]]:
+    """The paths and labels (``parquet:<file>``) of the files matched."""
     if _URL.match(pattern):
         return _remote_parquet_files(pattern)
     expanded = os.path.expanduser(pattern)
@@ -139,34 +139,36 @@ def _parquet_files(pattern: str) -> tuple[pafs.FileSystem, list[str], list[str]]
     files = sorted(str(Path(p).resolve()) for p in glob.glob(expanded) if Path(p).is_file())
     if not files:
         raise FileNotFoundError(f"parquet:{pattern}: no file matches {expanded!r}")
-    return pafs.LocalFileSystem(), files, [f"parquet:{f}" for f in files]
+    return files, [f"parquet:{f}" for f in files]
 
 
-def _remote_parquet_files(url: str) -> tuple[pafs.FileSystem, list[str], list[str]]:
-    scheme = url.split("://", 1)[0]
+def _remote_parquet_files(url: str) -> tuple[list[str], list[str]]:
     try:
-        filesystem, path = pafs.FileSystem.from_uri(url)
-        parent, leaf = posixpath.split(path)
-        if re.search(r"[*?\[]", parent):
+        if storage.isdir(url):
+            url = storage.join(url, "*.parquet")
+        scheme, path = url.split("://", 1)
+        if re.search(r"[*?\[]", posixpath.dirname(path)):
             raise ValueError("a glob may only be in the last path component")
-        if re.search(r"[*?\[]", leaf):
-            infos = filesystem.get_file_info(pafs.FileSelector(parent))
-            paths = sorted(i.path for i in infos if i.type == pafs.FileType.File
-                           and fnmatch.fnmatchcase(posixpath.basename(i.path), leaf))
-        else:
-            paths = [path] if filesystem.get_file_info(path).type == pafs.FileType.File else []
-    except (pa.ArrowException, OSError, ValueError) as e:
+        paths = storage.glob(url)
+    except (OSError, ValueError) as e:
         raise ValueError(f"parquet:{url}: cannot list the files ({e})") from None
     if not paths:
         raise FileNotFoundError(f"parquet:{url}: no file matches")
-    return filesystem, paths, [f"parquet:{scheme}://{p}" for p in paths]
+    return paths, [f"parquet:{p}" for p in paths]
 
 
-def _digest(filesystem: pafs.FileSystem, paths: Sequence[str]) -> str:
+def _open(path: str) -> Any:
+    """A seekable binary file: local files through pyarrow, URLs through ``storage``."""
+    if _URL.match(path):
+        return storage.open_read(path)
+    return pafs.LocalFileSystem().open_input_file(path)
+
+
+def _digest(paths: Sequence[str]) -> str:
     h = hashlib.sha256()
     for path in paths:
         h.update(path.encode() + b"\0")
-        with filesystem.open_input_stream(path) as f:
+        with _open(path) as f:
             for block in iter(lambda f=f: f.read(1 << 20), b""):
                 h.update(block)
         h.update(b"\0")
@@ -177,8 +179,7 @@ def _cache_file(index: int) -> str:
     return f"data-{index:05d}.arrow"
 
 
-def _convert(filesystem: pafs.FileSystem, paths: Sequence[str], labels: Sequence[str],
-             target: Path) -> list[int]:
+def _convert(paths: Sequence[str], labels: Sequence[str], target: Path) -> list[int]:
     """Writes file ``i`` as the IPC stream ``target/data-0000i.arrow``; returns row counts.
 
     A Parquet row group is compressed and encoded as a whole, so reading one row of it
@@ -191,7 +192,7 @@ def _convert(filesystem: pafs.FileSystem, paths: Sequence[str], labels: Sequence
     rows = []
     for i, (path, label) in enumerate(zip(paths, labels, strict=True)):
         try:
-            with filesystem.open_input_file(path) as f:
+            with _open(path) as f:
                 parquet = pq.ParquetFile(f)
                 with (pa.OSFile(str(partial / _cache_file(i)), "wb") as sink,
                       pa.ipc.new_stream(sink, parquet.schema_arrow) as writer):
@@ -210,15 +211,15 @@ class ParquetSource(ArrowSource):
     """Records of Parquet files, read from their Arrow IPC conversion (``directory``)."""
 
     def __init__(self, pattern: str, data_dir: str):
-        filesystem, paths, labels = _parquet_files(pattern)
-        digest = _digest(filesystem, paths)
+        paths, labels = _parquet_files(pattern)
+        digest = _digest(paths)
         key = hashlib.sha1("\n".join(labels).encode()).hexdigest()[:12]
         name = f"parquet_{key}_{digest}"
-        root = Path(os.path.expanduser(data_dir or DEFAULT_DATA_DIR))
+        root = cache_root(data_dir, f"parquet:{pattern}")
         self.directory = root / name / _PARQUET_VERSION
         with file_lock(root / f"parquet_{key}.lock"):
             if not self.directory.is_dir():
-                rows = _convert(filesystem, paths, labels, self.directory)
+                rows = _convert(paths, labels, self.directory)
                 logging.info("parquet:%s: converted %d file(s), %d rows, to Arrow IPC in %s",
                              pattern, len(paths), sum(rows), self.directory)
                 # Conversions of older contents of the same files are stale now.
@@ -264,11 +265,18 @@ def _saved_files(directory: Path, name: str) -> list[Path]:
 
 
 class SavedDatasetSource(ArrowSource):
-    """One split of a ``datasets`` ``save_to_disk`` directory, read in place."""
+    """One split of a ``datasets`` ``save_to_disk`` directory, read in place (a URL's
+    directory from a local copy made once per process: the files are memory-mapped)."""
 
     def __init__(self, path: str, split: str):
         name = f"arrow:{path}"
-        directory = Path(os.path.expanduser(path)).resolve()
+        local = path
+        if _URL.match(path):
+            try:
+                local = storage.local_copy(path)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{name}: no directory {path!r}") from None
+        directory = Path(os.path.expanduser(local)).resolve()
         if not directory.is_dir():
             raise FileNotFoundError(f"{name}: no directory {str(directory)!r}")
         if (directory / "dataset_dict.json").is_file():
@@ -280,4 +288,8 @@ class SavedDatasetSource(ArrowSource):
                 raise ValueError(f"{name}: no split {split!r}; available: {sorted(splits)}")
             directory, name = directory / split, f"{name}[{split}]"
         files = _saved_files(directory, name)
-        super().__init__(name, files, [f"arrow:{f}" for f in files])
+        root = Path(os.path.expanduser(local)).resolve()
+        # Messages name the files where the user put them (the URL, not the copy).
+        labels = [f"arrow:{storage.join(path, f.relative_to(root).as_posix())}"
+                  if local != path else f"arrow:{f}" for f in files]
+        super().__init__(name, files, labels)

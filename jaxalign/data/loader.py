@@ -25,9 +25,12 @@ Batches are cut to the smallest length bucket that holds their longest row
 so a step compiles once per bucket. With several
 processes, ``DataIterator`` widens each batch to the widest bucket of any process (one
 small collective per step, in the main process); eval batches need none, since every
-process measures every process's eval rows. ``data.group_by_length`` sorts windows of
-that many batches by length and shuffles the batch order, seeded by the window's start
-like the packing shuffle, so a restore replays it exactly.
+process measures every process's eval rows. The running data counters (records read,
+dropped, real tokens, ...) are summed over the processes at every batch (another small
+collective), so each process logs and checkpoints the totals of the whole stream.
+``data.group_by_length`` sorts windows of that many batches by length and shuffles the
+batch order, seeded by the window's start like the packing shuffle, so a restore
+replays it exactly.
 
 Batches are dicts of numpy arrays (see ``packing``); prompt batches also carry
 ``extras`` (a list of dicts) for reward functions, which stays on the host.
@@ -47,6 +50,7 @@ import grain
 import numpy as np
 from absl import flags, logging
 
+from jaxalign import multihost
 from jaxalign.data import buckets, holdout, packing
 from jaxalign.data.encode import BAD_RECORD_POLICIES, Encoder, Example
 from jaxalign.data.records import FORMATS, Location, RecordError, validate
@@ -367,6 +371,14 @@ class DataIterator:
             batch = packing.repad(batch, width, self._fmt, self._pad_id)
         if k:
             batch = packing.with_loss_index(batch, self._fmt, min(k, width))
+        real, total = packing.real_tokens(batch)
+        stats = collections.Counter(stats)
+        stats.update(real_tokens=real, row_tokens=total)
+        if self._process_count > 1:
+            # Totals over every process, the same on each: so they are one process's over
+            # the whole stream, and the checkpoint (written by process 0) restores all.
+            stats = sum((collections.Counter(d) for d in multihost.gather_objects([dict(stats)])),
+                        collections.Counter())
         # Warn once per cause; the running totals go to the metrics log.
         for key in stats:
             if key.startswith("reason:") and key not in self._counts:
@@ -376,9 +388,6 @@ class DataIterator:
             logging.warning("%s: truncating records longer than data.max_len (data.overlong); "
                             "counted in data_truncated", self.name)
         self._counts.update(stats)
-        real, total = packing.real_tokens(batch)
-        self._counts["real_tokens"] += real
-        self._counts["row_tokens"] += total
         return batch
 
     def get_state(self) -> dict[str, Any]:
@@ -399,7 +408,7 @@ class DataIterator:
         self._counts = collections.Counter(state.get("counts", {}))
 
     def metrics(self) -> dict[str, float]:
-        """Running data totals for the metrics log."""
+        """Running data totals for the metrics log (over every process)."""
         c = self._counts
         return {
             "data_records": float(c["records"]),

@@ -323,6 +323,15 @@ def real_tokens(batch: Mapping[str, Any]) -> tuple[int, int]:
     return real, total
 
 
+def unembedded_tokens(batch: Mapping[str, Any]) -> int | None:
+    """Loss-bearing tokens of the sides whose batch gathers its loss positions
+    (``<side>loss_index_bk``: the step unembeds only those); None when no side does."""
+    sides = [k[: -len("loss_index_bk")] for k in batch if k.endswith("loss_index_bk")]
+    if not sides:
+        return None
+    return sum(int(np.count_nonzero(batch[f"{side}loss_mask_bt"])) for side in sides)
+
+
 # --- row width: what bucketing (``buckets``) and multi-process agreement change -----------
 
 # Formats whose rows are padded on the left (the real ids end at the last position).

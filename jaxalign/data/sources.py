@@ -1,7 +1,8 @@
 """Where records come from: a source string ``<scheme>:<rest>`` selects a reader.
 
 * ``builtin:<name>`` — the embedded datasets (``jaxalign.data.builtin``).
-* ``jsonl:<path>`` — a local JSONL file or a glob of files. On first use it is converted
+* ``jsonl:<path>`` — a JSONL file or a glob of files, local or a URL (``gs://b/d/*.jsonl``,
+  read through ``jaxalign.storage``). On first use it is converted
   once into a TFDS dataset (array_record) under the data directory, keyed by a digest of
   the files' contents, and then read through ``tfds`` data sources with random access; a
   changed file gets a new digest and is converted again (the stale copy is removed).
@@ -37,6 +38,7 @@ from typing import Any, Protocol
 import numpy as np
 from absl import logging
 
+from jaxalign import storage
 from jaxalign.data.builtin import load_builtin
 from jaxalign.data.records import Location
 
@@ -152,20 +154,37 @@ def _decode_example(example: Mapping[str, Any]) -> dict[str, Any]:
 # --- jsonl ------------------------------------------------------------------------------
 
 
-def _jsonl_files(pattern: str) -> list[Path]:
-    expanded = os.path.expanduser(pattern)
-    files = sorted(Path(p).resolve() for p in glob.glob(expanded) if Path(p).is_file())
+def _jsonl_files(pattern: str) -> list[str]:
+    if storage.is_url(pattern):
+        expanded, files = pattern, storage.glob(pattern)
+    else:
+        expanded = os.path.expanduser(pattern)
+        files = sorted(str(Path(p).resolve()) for p in glob.glob(expanded) if Path(p).is_file())
     if not files:
         raise FileNotFoundError(f"jsonl:{pattern}: no file matches {expanded!r}")
     return files
 
 
-def _digest(files: Sequence[Path]) -> str:
+def cache_root(data_dir: str | None, source: str) -> Path:
+    """The local directory that conversions of ``source`` are cached in (``data.dir``).
+
+    Raises:
+      ValueError: ``data_dir`` is a URL: converted files are memory-mapped, so the cache
+        is local (the source's own files may be URLs).
+    """
+    if data_dir and storage.is_url(data_dir):
+        raise ValueError(f"data.dir={data_dir}: {source} is converted into a local cache "
+                         "directory that is memory-mapped, so data.dir must be a local path "
+                         "(the data files themselves may be URLs)")
+    return Path(os.path.expanduser(data_dir or DEFAULT_DATA_DIR))
+
+
+def _digest(files: Sequence[str]) -> str:
     h = hashlib.sha256()
     for path in files:
         h.update(str(path).encode() + b"\0")
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
+        with storage.open_read(path) as f:
+            for block in iter(lambda f=f: f.read(1 << 20), b""):
                 h.update(block)
         h.update(b"\0")
     return h.hexdigest()[:16]
@@ -201,8 +220,8 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _has_record(path: Path) -> bool:
-    with open(path, "rb") as f:
+def _has_record(path: str) -> bool:
+    with storage.open_read(path) as f:
         return any(line.strip() for line in f)
 
 
@@ -223,7 +242,7 @@ def _jsonl_builder_class():
 
         VERSION = tfds.core.Version(_JSONL_VERSION)
 
-        def __init__(self, *, name: str, files: Sequence[Path], **kwargs):
+        def __init__(self, *, name: str, files: Sequence[str], **kwargs):
             self.name = name
             self._files = list(files)
             self.blank_lines = 0
@@ -252,7 +271,7 @@ def _jsonl_builder_class():
                 # Bytes split at b"\n" only: line numbers match an editor's (a lone "\r"
                 # is no line break), and a line that is not UTF-8 is reported as such
                 # instead of being silently decoded with replacement characters.
-                with open(path, "rb") as f:
+                with storage.open_read(path) as f:
                     for line_no, raw in enumerate(f, start=1):
                         if not raw.strip():
                             self.blank_lines += 1
@@ -279,7 +298,7 @@ class JsonlSource:
         key = hashlib.sha1("\n".join(map(str, self.files)).encode()).hexdigest()[:12]
         # One dataset per set of files (key) and contents (digest).
         name = f"jsonl_{key}_{digest}"
-        root = Path(os.path.expanduser(data_dir or DEFAULT_DATA_DIR))
+        root = cache_root(data_dir, self.name)
         self.directory = root / name / _JSONL_VERSION
         with file_lock(root / f"jsonl_{key}.lock"):
             if not (self.directory / "dataset_info.json").is_file():

@@ -26,11 +26,14 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from jaxalign import storage
+
 _BUILTIN_SCHEME = "builtin:"
 _GGUF_SCHEME = "gguf:"
 # Builtin tokenizer name -> asset file; every builtin dataset shares the world model.
 BUILTIN_TOKENIZERS = {"world": "world.model", "tasks": "world.model"}
 CONFIG_FILE = "tokenizer_config.json"
+_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 
 
 @runtime_checkable
@@ -99,10 +102,11 @@ def _template_from(config: Mapping[str, Any], directory: Path | None) -> str | N
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
         template = named.get("default") or next(iter(named.values()), None)
     if template is None and directory is not None:
-        if (directory / "chat_template.jinja").is_file():
-            template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
-        elif (directory / "chat_template.json").is_file():
-            data = json.loads((directory / "chat_template.json").read_text(encoding="utf-8"))
+        jinja, as_json = (directory / name for name in _TEMPLATE_FILES)
+        if jinja.is_file():
+            template = jinja.read_text(encoding="utf-8")
+        elif as_json.is_file():
+            data = json.loads(as_json.read_text(encoding="utf-8"))
             template = data.get("chat_template")
     return template if isinstance(template, str) and template else None
 
@@ -425,11 +429,12 @@ def load_tokenizer(spec: str) -> Tokenizer:
         # Imported on use: a GGUF vocabulary is read from a model checkpoint.
         from jaxalign.models import gguf_tokenizer
 
-        return gguf_tokenizer.load_tokenizer(os.path.expanduser(spec[len(_GGUF_SCHEME) :]))
+        return gguf_tokenizer.load_tokenizer(
+            os.path.expanduser(local_spec(spec)[len(_GGUF_SCHEME) :]))
     if spec == "auto":
         raise ValueError("tokenizer 'auto' means the model source's tokenizer; resolve it from "
                          "the run config first (jaxalign.models.lineage.resolve_tokenizer)")
-    path = Path(spec)
+    path = Path(local_spec(spec))
     if path.is_dir():
         return _load_directory(path)
     if not path.is_file():
@@ -445,6 +450,22 @@ def load_tokenizer(spec: str) -> Tokenizer:
             f"unsupported tokenizer file {spec!r}: {e}. Expected a tokenizer.json, a "
             "SentencePiece model, a Hugging Face tokenizer directory or 'builtin:<name>'"
         ) from e
+
+
+def local_spec(spec: str) -> str:
+    """``spec`` with a URL (``gs://...``, also after ``gguf:``) replaced by a local copy.
+
+    Tokenizer libraries read local files: the copy of a file comes with the
+    ``tokenizer_config.json`` and chat template beside it.
+    """
+    prefix = _GGUF_SCHEME if spec.startswith(_GGUF_SCHEME) else ""
+    path = spec[len(prefix):]
+    if not storage.is_url(path):
+        return spec
+    try:
+        return prefix + storage.local_copy(path, siblings=(CONFIG_FILE, *_TEMPLATE_FILES))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"tokenizer {spec}: {e}") from None
 
 
 def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:

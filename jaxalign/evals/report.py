@@ -18,13 +18,11 @@ least it; ``lower``: at most it), checked with or without a baseline.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from jaxalign import policy
+from jaxalign import policy, storage
 from jaxalign.evals import suite as eval_suite
 from jaxalign.models import init_from
 
@@ -274,12 +272,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
 
 def write_report(report: Mapping[str, Any], out_dir: str) -> tuple[str, str]:
     """Writes ``report.json`` and ``report.md`` into ``out_dir``; returns their paths."""
-    os.makedirs(out_dir, exist_ok=True)
-    json_path, md_path = os.path.join(out_dir, "report.json"), os.path.join(out_dir, "report.md")
-    with open(json_path, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2, default=str)
-    with open(md_path, "w", encoding="utf-8") as f:
-        f.write(render_markdown(report))
+    storage.makedirs(out_dir)
+    json_path, md_path = storage.join(out_dir, "report.json"), storage.join(out_dir, "report.md")
+    storage.write_json(json_path, report, indent=2, default=str)
+    storage.write_text(md_path, render_markdown(report))
     return json_path, md_path
 
 

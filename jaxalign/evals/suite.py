@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxalign import rewards
+from jaxalign import rewards, storage
 from jaxalign import sharding as shd
 from jaxalign.data import records as rec
 from jaxalign.data.sources import load_records
@@ -221,11 +221,10 @@ def run_evals(ctx: EvalContext, entries: Mapping[str, Mapping[str, Any]], *,
         if result.notes:
             report["notes"][name] = result.notes
         if out_dir is not None:
-            path = os.path.join(out_dir, "samples", label, f"{name}.jsonl")
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "w", encoding="utf-8") as f:
-                for s in result.samples:
-                    f.write(json.dumps(s, ensure_ascii=False, default=float) + "\n")
+            path = storage.join(out_dir, "samples", label, f"{name}.jsonl")
+            storage.makedirs(os.path.dirname(path))
+            storage.write_text(path, "".join(json.dumps(s, ensure_ascii=False, default=float)
+                                             + "\n" for s in result.samples))
             report["samples"][name] = path
     return report
 

@@ -10,15 +10,17 @@ override values ``@<stage>`` stands for an earlier stage's workdir, e.g.
 After a policy stage finishes, the pipeline's evals (an evals config, see
 ``configs/evals.py``) run on it once and are cached in ``ROOT/<i>-<name>/evals.json``;
 its gates compare it with the stage it started from, and a failed gate stops the
-pipeline. Re-running the same command skips finished stages (``DONE.json``) and
-resumes an interrupted one from its latest checkpoint. The final report —
+pipeline. After an RL stage (GRPO, PPO) its training log is also checked for the
+health signals of :mod:`jaxalign.evals.rl_health` (log-prob mismatch, entropy
+collapse, reward up while the held-out task falls). Re-running the same command
+skips finished stages (``DONE.json``) and resumes an interrupted one from its latest
+checkpoint. The final report —
 ``ROOT/report.md`` / ``report.json`` — is a table with one column per policy stage.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -26,10 +28,13 @@ from typing import Any
 import ml_collections
 from absl import logging
 
+from jaxalign import storage
 from jaxalign.config import apply_overrides, load_config_file
 from jaxalign.evals import report as eval_report
+from jaxalign.evals import rl_health
 from jaxalign.evals import suite as eval_suite
 from jaxalign.jobs import run_stage
+from jaxalign.metrics import read_jsonl
 from jaxalign.policy import load_policy
 
 DONE = "DONE.json"
@@ -56,7 +61,7 @@ class Pipeline:
             if ref and ref not in names[:i]:
                 raise ValueError(f"stage {s['name']!r}: init_from={ref!r} is not an earlier "
                                  f"stage ({names[:i]})")
-        self.dirs = {s["name"]: os.path.join(root, f"{i}-{s['name']}")
+        self.dirs = {s["name"]: storage.join(root, f"{i}-{s['name']}")
                      for i, s in enumerate(self.stages)}
 
     def stage_config(self, stage: Mapping[str, Any]) -> ml_collections.ConfigDict:
@@ -71,11 +76,10 @@ class Pipeline:
         return apply_overrides(config, overrides, where=f"stage {stage['name']!r}")
 
     def done(self, name: str) -> dict[str, Any] | None:
-        path = os.path.join(self.dirs[name], DONE)
-        if not os.path.isfile(path):
+        path = storage.join(self.dirs[name], DONE)
+        if not storage.isfile(path):
             return None
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(storage.read_text(path))
 
     def run(self, *, stop_after: str = "") -> dict[str, Any]:
         """Runs every unfinished stage in order, evaluating and gating policy stages.
@@ -89,7 +93,7 @@ class Pipeline:
         Raises:
           GateFailed: a stage regressed past one of its gates.
         """
-        os.makedirs(self.root, exist_ok=True)
+        storage.makedirs(self.root)
         for stage in self.stages:
             name, workdir = stage["name"], self.dirs[stage["name"]]
             if self.done(name) is None:
@@ -100,13 +104,15 @@ class Pipeline:
                 if result.get("preempted"):
                     raise SystemExit(f"stage {name!r} was preempted; rerun the same command "
                                      "to resume it")
-                with open(os.path.join(workdir, DONE), "w", encoding="utf-8") as f:
-                    json.dump({"stage": config.stage, "seconds": time.perf_counter() - t0,
-                               "train": result["train"], "eval": result["eval"]}, f,
-                              indent=1, default=float)
+                storage.write_json(
+                    storage.join(workdir, DONE),
+                    {"stage": config.stage, "seconds": time.perf_counter() - t0,
+                     "train": result["train"], "eval": result["eval"]},
+                    indent=1, default=float)
             if config_is_policy(self.done(name)):
                 self.evaluate(stage)
                 self.check_gates(stage)
+                self.check_rl_health(stage)
             if name == stop_after:
                 break
         return self.report()
@@ -120,15 +126,14 @@ class Pipeline:
         """The pipeline's evals on a policy stage, computed once and cached."""
 
         name = stage["name"]
-        path = os.path.join(self.dirs[name], EVALS)
+        path = storage.join(self.dirs[name], EVALS)
         ref_name = self.config.get("reference", "")
         rm_name = self.config.get("reward_model", "")
         have_ref = bool(ref_name) and self.done(ref_name) is not None
         have_rm = bool(rm_name) and self.done(rm_name) is not None
         cached = None
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                cached = json.load(f)
+        if storage.isfile(path):
+            cached = json.loads(storage.read_text(path))
             # Evals skipped for want of a reference or reward model that exists now (an
             # SFT stage is evaluated before the RM is trained) run now; the rest is kept.
             if not cached["skipped"] or (cached.get("had_reference") == have_ref
@@ -156,7 +161,7 @@ class Pipeline:
             eval_suite.EvalContext(policy, reference=reference, rewards=scorer,
                                    seed=int(suite["seed"])),
             {k: v for k, v in entries.items() if k not in waiting},
-            out_dir=os.path.join(self.dirs[name], "eval"), label=name)
+            out_dir=storage.join(self.dirs[name], "eval"), label=name)
         run["skipped"] = {**run["skipped"], **{
             k: f"waits for the reference stage {ref_name!r}" for k in waiting}}
         run["eval_seconds"] = time.perf_counter() - t0
@@ -167,8 +172,7 @@ class Pipeline:
             merged["eval_seconds"] = cached.get("eval_seconds", 0.0) + run["eval_seconds"]
             run = merged
         run["had_reference"], run["had_rewards"] = have_ref, have_rm
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(run, f, indent=1, default=float)
+        storage.write_json(path, run, indent=1, default=float)
         return run
 
     def check_gates(self, stage: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -189,11 +193,36 @@ class Pipeline:
                                  f"{g['metric']}: {g['reason']}" for g in failed))
         return rows
 
+    def check_rl_health(self, stage: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Checks an RL stage's health signals (:mod:`jaxalign.evals.rl_health`); saves
+        them in ``rl_health.json`` and raises ``GateFailed`` naming each failed signal."""
+        name = stage["name"]
+        if (self.done(name) or {}).get("stage") not in RL_STAGES:
+            return []
+        spec = stage.get("rl_health", {})
+        if spec is False or self.config.get("rl_health", {}) is False:
+            return []
+        limits = rl_health.limits_from({**dict(self.config.get("rl_health", {})),
+                                        **dict(spec or {})})
+        log = storage.join(self.dirs[name], "metrics.jsonl")
+        rows = read_jsonl(log) if storage.isfile(log) else []
+        base_name = stage.get("init_from", "")
+        base = (self.evaluate(next(s for s in self.stages if s["name"] == base_name))
+                if base_name and config_is_policy(self.done(base_name)) else None)
+        checked = rl_health.check(rows, self.evaluate(stage)["metrics"],
+                                  None if base is None else base["metrics"], limits)
+        storage.write_json(storage.join(self.dirs[name], "rl_health.json"), checked,
+                           indent=1, default=float)
+        failed = rl_health.failures(checked)
+        if failed:
+            raise GateFailed(f"stage {name!r} failed its RL health check: " + "; ".join(failed))
+        return checked
+
     def report(self) -> dict[str, Any]:
         """One column per finished policy stage; rows are the configured metrics."""
         columns = [s["name"] for s in self.stages
                    if config_is_policy(self.done(s["name"]))
-                   and os.path.isfile(os.path.join(self.dirs[s["name"]], EVALS))]
+                   and storage.isfile(storage.join(self.dirs[s["name"]], EVALS))]
         results = {n: self.evaluate(next(s for s in self.stages if s["name"] == n))
                    for n in columns}
         rows = list(self.config.get("report_metrics", ()))
@@ -205,10 +234,9 @@ class Pipeline:
         report = {"columns": columns, "metrics": table, "train_seconds": seconds,
                   "eval_seconds": {n: results[n].get("eval_seconds") for n in columns},
                   "ceiling": self._ceilings(results)}
-        with open(os.path.join(self.root, "report.json"), "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1, default=float)
-        with open(os.path.join(self.root, "report.md"), "w", encoding="utf-8") as f:
-            f.write(render_table(report))
+        storage.write_json(storage.join(self.root, "report.json"), report, indent=1,
+                           default=float)
+        storage.write_text(storage.join(self.root, "report.md"), render_table(report))
         return report
 
 

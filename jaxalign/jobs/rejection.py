@@ -27,6 +27,10 @@ launcher works::
 
     python -m launch.train --config=configs/rejection.py:demo --workdir=runs/rejection-demo
 
+With several processes every process reads every prompt, the sampler draws each chunk's
+rows on the devices that hold them, each process scores its own block of the
+completions (the scores are gathered) and process 0 writes the files.
+
 :func:`generate_dataset` is the library entry for one dataset without training. Loading
 and sampling go through ``jaxalign.policy``; the selection and the written datasets
 (pure) are ``jaxalign.jobs.rejection_data``.
@@ -49,7 +53,7 @@ import numpy as np
 from jax.sharding import Mesh
 from ml_collections import config_dict
 
-from jaxalign import policy, rewards, sampling
+from jaxalign import multihost, policy, rewards, sampling
 from jaxalign import sharding as shd
 from jaxalign.config import sampling_keys, section, to_json
 from jaxalign.data.encode import Encoder
@@ -65,7 +69,7 @@ from jaxalign.jobs.rejection_data import (
     write_atomic,
     write_dataset,
 )
-from jaxalign.mesh import make_mesh, maybe_initialize_distributed
+from jaxalign.mesh import barrier, make_mesh, maybe_initialize_distributed
 from jaxalign.metrics import MetricsWriter, Progress
 from jaxalign.models import init_from, lineage
 from jaxalign.models.transformer import TransformerConfig
@@ -223,11 +227,15 @@ class Generator:
         lengths = np.asarray([len(s.ids) for s in flat], np.int32)
         stopped = np.asarray([s.stopped for s in flat], bool)
         texts = [self.tokenizer.decode([x for x in s.ids if x != self.eos_id]) for s in flat]
+        # Each process scores its own block of the rows; every process gets every score.
+        own = range(len(flat))[multihost.process_share(len(flat))]
         ctx = rewards.RewardContext(
-            lengths=lengths, stopped=stopped, max_new_tokens=max_new_tokens,
-            prompt_ids=[list(prompt_ids[r // g]) for r in range(len(flat))],
-            completion_ids=[s.ids for s in flat], options=self.options)
-        total, parts = self.scorer(texts, [records[r // g] for r in range(len(flat))], ctx)
+            lengths=lengths[own.start:own.stop], stopped=stopped[own.start:own.stop],
+            max_new_tokens=max_new_tokens,
+            prompt_ids=[list(prompt_ids[r // g]) for r in own],
+            completion_ids=[flat[r].ids for r in own], options=self.options)
+        total, parts = self.scorer([texts[r] for r in own], [records[r // g] for r in own], ctx,
+                                   gather=True)
         return [[Completion(texts[r], float(total[r]), {k: float(v[r]) for k, v in parts.items()},
                             int(lengths[r]), bool(stopped[r])) for r in range(p * g, (p + 1) * g)]
                 for p in range(len(chunk))]
@@ -289,9 +297,13 @@ def generate_dataset(config: ml_collections.ConfigDict, policy: str, out_dir: st
     t1 = time.perf_counter()
     groups = gen.complete(params, records, ids, gen.sampling_config(), key)
     t2 = time.perf_counter()
-    return write_dataset(records, groups, sel, out_dir, extra_stats={
-        "policy": policy, "round": round_index, "prompts_dropped": dict(dropped),
-        "time": {"sample_and_score_s": t2 - t1, "total_s": time.perf_counter() - t0}})
+    # Every process holds every completion; process 0 writes them.
+    extra = {"policy": policy, "round": round_index, "prompts_dropped": dict(dropped),
+             "time": {"sample_and_score_s": t2 - t1, "total_s": time.perf_counter() - t0}}
+    stats = write_dataset(records, groups, sel, out_dir, extra_stats=extra,
+                          write=jax.process_index() == 0)
+    barrier("rejection_dataset")  # the others read the files next
+    return stats
 
 
 # -- rounds -----------------------------------------------------------------------------------
@@ -395,6 +407,14 @@ def _eval_set(gen: Generator, rj: ml_collections.ConfigDict) -> tuple[list, list
     return [records[i] for i in pick], [ids[i] for i in pick]
 
 
+def _write_main(path: str, text: str) -> None:
+    """Process 0 writes ``path`` (atomically); every process waits until it is there."""
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        write_atomic(path, text)
+    barrier("rejection_write")
+
+
 def _policy_of(config: ml_collections.ConfigDict, workdir: str, r: int) -> str:
     """What round ``r`` samples from: the newest earlier round that trained, else init_from."""
     for q in range(r - 1, -1, -1):
@@ -455,7 +475,7 @@ def _run_round(config: ml_collections.ConfigDict, workdir: str, r: int, gen: Gen
          + ([(r + 1, "eval", evaluation)] if evaluation else []))
     info = {"round": r, "policy": policy, "trained": trained, "metrics": metrics,
             "eval": evaluation, "nonfinite_skipped": nonfinite}
-    write_atomic(os.path.join(rdir, DONE_FILE), json.dumps(info, indent=2) + "\n")
+    _write_main(os.path.join(rdir, DONE_FILE), json.dumps(info, indent=2) + "\n")
     return info
 
 
@@ -469,14 +489,13 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     """
     t_start = time.perf_counter()
     maybe_initialize_distributed()
-    if jax.process_count() > 1:
-        raise NotImplementedError("rejection sampling runs in one process for now (any "
-                                  "number of devices)")
     check_config(config)
     rj = config.rejection
     mesh = mesh if mesh is not None else make_mesh(config.mesh)
     os.makedirs(workdir, exist_ok=True)
-    write_atomic(os.path.join(workdir, "config.json"), to_json(config))
+    # Every process sees which rounds are done before any process writes.
+    barrier("rejection_start")
+    _write_main(os.path.join(workdir, "config.json"), to_json(config))
     gen = Generator(config, mesh)
     eval_set = _eval_set(gen, rj) if rj.eval_prompts else None
 
@@ -494,7 +513,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         t0 = time.perf_counter()
         last_eval = gen.evaluate(gen.load(config.model.init_from), *eval_set)
         _log(workdir, config, [(0, "eval", last_eval)])
-        write_atomic(initial_path, json.dumps(last_eval, indent=2) + "\n")
+        _write_main(initial_path, json.dumps(last_eval, indent=2) + "\n")
         Progress(0).line(f"eval before round 0 ({time.perf_counter() - t0:.0f}s): "
                          + _fmt(last_eval, _EVAL_KEYS))
     elif eval_set is not None:

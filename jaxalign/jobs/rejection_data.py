@@ -12,11 +12,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from jaxalign import storage
 
 MODES = ("sft", "dpo")
 SELECTIONS = ("best", "threshold")
@@ -215,11 +216,9 @@ def build_records(records: Sequence[Mapping[str, Any]],
 
 
 def write_atomic(path: str, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file, so a reader never sees half."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Writes ``text`` to ``path`` (local or a URL) so a reader never sees half
+    (``jaxalign.storage.write_text``)."""
+    storage.write_text(path, text)
 
 
 def _jsonl(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -228,7 +227,8 @@ def _jsonl(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def write_dataset(records: Sequence[Mapping[str, Any]],
                   groups: Sequence[Sequence[Completion]], sel: Selection, out_dir: str, *,
-                  extra_stats: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                  extra_stats: Mapping[str, Any] | None = None,
+                  write: bool = True) -> dict[str, Any]:
     """Selects records and writes them, every sample and a summary to ``out_dir``.
 
     * ``data.jsonl``: the selected records, each with its score; readable as ``jsonl:``
@@ -238,18 +238,23 @@ def write_dataset(records: Sequence[Mapping[str, Any]],
     * ``stats.json``: the :func:`build_records` summary plus ``extra_stats``, written
       last, so its presence means the dataset is complete.
 
+    With ``write=False`` (the other processes of a multi-process run) nothing is
+    written.
+
     Returns:
       The statistics written to ``stats.json``.
     """
     out, stats = build_records(records, groups, sel)
     stats.update(extra_stats or {})
-    os.makedirs(out_dir, exist_ok=True)
-    write_atomic(os.path.join(out_dir, DATA_FILE), _jsonl(out))
-    write_atomic(os.path.join(out_dir, COMPLETIONS_FILE), _jsonl([
+    if not write:
+        return stats
+    storage.makedirs(out_dir)
+    write_atomic(storage.join(out_dir, DATA_FILE), _jsonl(out))
+    write_atomic(storage.join(out_dir, COMPLETIONS_FILE), _jsonl([
         {"prompt": r["prompt"], **_carried(r), "completions": [
             {"text": c.text, "score": _round(c.score),
              "scores": {k: _round(v) for k, v in c.components.items()},
              "length": c.length, "stopped": c.stopped} for c in g]}
         for r, g in zip(records, groups, strict=True)]))
-    write_atomic(os.path.join(out_dir, STATS_FILE), json.dumps(stats, indent=2) + "\n")
+    write_atomic(storage.join(out_dir, STATS_FILE), json.dumps(stats, indent=2) + "\n")
     return stats

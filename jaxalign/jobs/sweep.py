@@ -9,9 +9,7 @@ trains in ``ROOT/<name>/``.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 import shlex
 import sys
@@ -22,6 +20,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from jaxalign import storage
 from jaxalign.config import apply_overrides, load_config_module
 from jaxalign.jobs import run_stage
 from jaxalign.mesh import maybe_initialize_distributed
@@ -116,8 +115,8 @@ def final_metrics(workdir: str) -> dict[str, float]:
     train row (without learning rate, throughput, norms and data counters) and
     ``eval/<metric>`` from the last eval row.
     """
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = storage.join(workdir, "metrics.jsonl")
+    if not storage.exists(path):
         return {}
     last: dict[str, dict[str, Any]] = {}
     for row in read_jsonl(path):
@@ -162,11 +161,11 @@ def run_sweep(config: ml_collections.ConfigDict, runs: Sequence[Mapping[str, Any
     maybe_initialize_distributed()
     main = jax.process_index() == 0
     configs = [apply_overrides(config, r, where="sweep") for r in runs]
-    results = [{"name": n, "workdir": os.path.join(root, n), "overrides": dict(r),
+    results = [{"name": n, "workdir": storage.join(root, n), "overrides": dict(r),
                 "status": "pending", "error": "", "metrics": {}}
                for n, r in zip(run_names(runs), runs, strict=True)]
     if main:
-        os.makedirs(root, exist_ok=True)
+        storage.makedirs(root)
     for i, (result, cfg) in enumerate(zip(results, configs, strict=True)):
         if main:
             print(f"=== sweep run {i + 1}/{len(results)}: {result['name']} -> "
@@ -218,7 +217,6 @@ def summary_table(results: Sequence[Mapping[str, Any]]) -> str:
 
 def write_summary(root: str, results: Sequence[Mapping[str, Any]]) -> None:
     """Writes ``root/sweep_summary.json`` and ``root/sweep_summary.md``."""
-    with open(os.path.join(root, "sweep_summary.json"), "w", encoding="utf-8") as f:
-        json.dump(_json_safe(list(results)), f, indent=2, default=str)
-    with open(os.path.join(root, "sweep_summary.md"), "w", encoding="utf-8") as f:
-        f.write(summary_table(results) + "\n")
+    storage.write_json(storage.join(root, "sweep_summary.json"), _json_safe(list(results)),
+                       indent=2, default=str)
+    storage.write_text(storage.join(root, "sweep_summary.md"), summary_table(results) + "\n")

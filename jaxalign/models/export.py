@@ -17,7 +17,9 @@ import jax
 from absl import logging
 from flax import nnx
 
-from jaxalign.models import hf, init_from
+from jaxalign import storage
+from jaxalign.data import tokenizer as tokenizer_lib
+from jaxalign.models import hf, hf_weights, init_from
 from jaxalign.models.transformer import TransformerConfig
 
 
@@ -44,8 +46,9 @@ def export_workdir(workdir: str, out: str, *, dtype: str | None = None, step: in
     generation config come from the HF checkpoint the run descends from, if any.
 
     Args:
-      workdir: a jaxalign run directory.
-      out: the output directory.
+      workdir: a jaxalign run directory (a local path or a URL such as ``gs://b/run``).
+      out: the output directory; a URL gets the files written locally first, then
+        uploaded (its stale safetensors shards are removed first).
       dtype: dtype of the written tensors (default: the run's ``param_dtype``).
       step: export this checkpoint step instead of the latest.
       max_shard_bytes: split the safetensors into files of at most this size.
@@ -62,5 +65,14 @@ def export_workdir(workdir: str, out: str, *, dtype: str | None = None, step: in
         logging.warning("the run started from %s, which is gone: token ids and generation "
                         "config are not carried over", source)
         source = None
-    return hf.save_pretrained(params, cfg, out, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                              source_dir=source, tokenizer=run.get("tokenizer") or None)
+    tokenizer = run.get("tokenizer") or None
+    if tokenizer is not None:
+        tokenizer = tokenizer_lib.local_spec(tokenizer)
+    if storage.is_url(out) and storage.isdir(out):
+        for stale in storage.listdir(out):
+            if stale.endswith(".safetensors") or stale == hf_weights.INDEX_FILE:
+                storage.remove(storage.join(out, stale))
+    with storage.staged_dir(out) as local_out:
+        return hf.save_pretrained(params, cfg, local_out, dtype=dtype,
+                                  max_shard_bytes=max_shard_bytes, source_dir=source,
+                                  tokenizer=tokenizer)

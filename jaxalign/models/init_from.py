@@ -8,6 +8,11 @@
   are the tokenizer ``gguf:<file>`` (``config.tokenizer`` may name it; an export ships
   it as ``tokenizer.json`` or ``tokenizer.model``). See :mod:`jaxalign.models.gguf`.
 * ``workdir:<DIR>`` — the latest checkpoint of an earlier jaxalign run (SFT -> DPO).
+
+Any of these may be a URL (``hf:gs://bucket/model``, ``workdir:gs://bucket/run``): a
+workdir is read in place (through ``jaxalign.storage`` and Orbax), an HF directory or
+a GGUF file is copied to a local temporary directory once per process (their
+weights are memory-mapped).
   A LoRA run's adapters are merged into its base weights on the way in, so a
   LoRA run on top starts fresh adapters from (and uses as its reference) the
   earlier run's adapted model. An adapters-only run's base is rebuilt from its
@@ -33,6 +38,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
+from jaxalign import storage
 from jaxalign.models import gguf, gguf_tokenizer, hf, lora
 from jaxalign.models.transformer import Transformer, TransformerConfig
 
@@ -61,6 +67,11 @@ def parse(spec: str) -> tuple[str, str]:
                                  f"{'file' if kind == 'gguf' else 'directory'} (the hf "
                                  "presets need --config.model.init_from=hf:<dir>, "
                                  "gguf:<file> or workdir:<dir>)")
+            if kind in ("hf", "gguf") and storage.is_url(path):
+                try:
+                    return kind, storage.local_copy(path)
+                except FileNotFoundError as e:
+                    raise FileNotFoundError(f"model.init_from={spec}: {e}") from None
             return kind, os.path.expanduser(path)
     raise ValueError(f"model.init_from={spec!r}; expected 'scratch', 'hf:<dir>', "
                      "'gguf:<file>' or 'workdir:<dir>'")
@@ -68,12 +79,11 @@ def parse(spec: str) -> tuple[str, str]:
 
 def read_run_config(workdir: str) -> dict[str, Any]:
     """The resolved config (``WORKDIR/config.json``) of an earlier run."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
+    path = storage.join(workdir, "config.json")
+    if not storage.isfile(path):
         raise FileNotFoundError(f"{path} not found: model.init_from=workdir:{workdir} needs "
                                 "the directory of an earlier jaxalign run")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(storage.read_text(path))
 
 
 def source_architecture(spec: str) -> dict[str, Any]:
@@ -253,8 +263,8 @@ def restore_workdir_params(workdir: str, abstract_params: Any, shardings: Any,
       FileNotFoundError: the run has no checkpoint.
       ValueError: a parameter's shape differs, or (unless ``partial``) is missing.
     """
-    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    if not os.path.isdir(directory):
+    directory = storage.absolute(storage.join(workdir, "checkpoints"))
+    if not storage.isdir(directory):
         raise FileNotFoundError(f"{directory} not found: no checkpoints in {workdir}")
     manager = ocp.CheckpointManager(directory, item_handlers={
         "state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
@@ -264,7 +274,7 @@ def restore_workdir_params(workdir: str, abstract_params: Any, shardings: Any,
             raise FileNotFoundError(f"{directory} holds no finished checkpoint")
         stored = _flat(dict(manager.item_metadata(step)["state"]).get("params", {}))
         target = _flat(abstract_params)
-        where = os.path.join(directory, str(step))
+        where = storage.join(directory, str(step))
         for key, leaf in target.items():
             if key in stored and tuple(stored[key].shape) != tuple(leaf.shape):
                 raise ValueError(f"{where}: parameter {'/'.join(key)} has shape "
@@ -324,8 +334,8 @@ def hf_source_dir(spec: str, *, _seen: frozenset[str] = frozenset()) -> str | No
     kind, path = parse(spec)
     if kind == "hf":
         return path
-    if kind == "workdir" and path not in _seen and os.path.isfile(
-            os.path.join(path, "config.json")):
+    if kind == "workdir" and path not in _seen and storage.isfile(
+            storage.join(path, "config.json")):
         earlier = read_run_config(path).get("model", {}).get("init_from", "scratch")
         return hf_source_dir(earlier, _seen=_seen | {path})
     return None
@@ -340,8 +350,8 @@ def check_hf_tokenizer(spec: str, tokenizer_spec: str, vocab_size: int) -> None:
         if size > vocab_size:
             raise ValueError(f"{path}: the tokenizer has {size} ids but the model's embedding "
                              f"has vocab_size={vocab_size} rows")
-        own = tokenizer_spec.startswith(GGUF_PREFIX) and os.path.abspath(os.path.expanduser(
-            tokenizer_spec[len(GGUF_PREFIX):])) == os.path.abspath(path)
+        own = tokenizer_spec.startswith(GGUF_PREFIX) and os.path.abspath(
+            parse(tokenizer_spec)[1]) == os.path.abspath(path)
         if not own and tokenizer_spec != "auto":
             logging.warning("model.init_from=%s ships a tokenizer but config.tokenizer=%s; the "
                             "run tokenizes with the latter", spec, tokenizer_spec)
@@ -350,7 +360,7 @@ def check_hf_tokenizer(spec: str, tokenizer_spec: str, vocab_size: int) -> None:
         return
     hf.check_tokenizer_fits(path, vocab_size)
     has_own = hf.tokenizer_vocab_size(path) is not None
-    if has_own and os.path.abspath(tokenizer_spec) != os.path.abspath(path):
+    if has_own and os.path.abspath(storage.local_copy(tokenizer_spec)) != os.path.abspath(path):
         logging.warning("model.init_from=%s ships a tokenizer but config.tokenizer=%s; the "
                         "run tokenizes with the latter", spec, tokenizer_spec)
 
