@@ -52,10 +52,15 @@ def _start(workdir, processes, flags=FLAGS, log_dir=None):
 
 
 def _train(workdir, processes, timeout=300):
-    """Runs to the end; on a timeout or a failed process, every process still running
-    dumps its Python stacks (faulthandler, SIGABRT) into its log, which the failure shows."""
+    """Runs to the end (see :func:`finish`); returns each process's log."""
     log_dir = tempfile.mkdtemp(prefix="mp-logs-", dir=os.path.dirname(workdir))
-    procs = _start(workdir, processes, log_dir=log_dir)
+    return finish(_start(workdir, processes, log_dir=log_dir), log_dir, timeout)
+
+
+def finish(procs, log_dir, timeout=600):
+    """Waits for every process (each logging to ``log_dir/process<i>.log``); on a timeout
+    or a failed process, every process still running dumps its Python stacks
+    (faulthandler, SIGABRT) into its log, which the failure shows. Returns the logs."""
     deadline = time.monotonic() + timeout
     # Stop waiting at the first failure too: the others then wait in a barrier for good.
     while (time.monotonic() < deadline and any(p.poll() is None for p in procs)
@@ -71,7 +76,7 @@ def _train(workdir, processes, timeout=300):
             p.kill()
             p.wait()
     outs = []
-    for i in range(processes):
+    for i in range(len(procs)):
         with open(os.path.join(log_dir, f"process{i}.log")) as f:
             outs.append(f.read())
     logs = "\n".join(f"--- process {i} ---\n{o[-6000:]}" for i, o in enumerate(outs))

@@ -14,18 +14,16 @@ runs on a 2-core machine, and both layouts compile alike, so the comparison hold
 
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
+from test_multiprocess import finish
+from test_reliability import _final_params
 
-from jaxalign.checkpoint import Checkpointer
 from jaxalign.metrics import read_jsonl
 
 pytestmark = pytest.mark.slow  # starts processes
@@ -68,48 +66,13 @@ def _start(root, processes, cases, pipe_first=False, models=""):
 
 
 def _finish(root, procs, timeout=600):
-    """Waits for every process; on a failure or a timeout, the ones still running dump
-    their Python stacks (SIGABRT, faulthandler) into their logs, which the error shows."""
-    deadline = time.monotonic() + timeout
-    while (time.monotonic() < deadline and any(p.poll() is None for p in procs)
-           and not any(p.poll() for p in procs)):
-        time.sleep(0.2)
-    hung = [i for i, p in enumerate(procs) if p.poll() is None]
-    for i in hung:
-        procs[i].send_signal(signal.SIGABRT)
-    for p in procs:
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-    logs = []
-    for i in range(len(procs)):
-        with open(os.path.join(root, f"process{i}.log")) as f:
-            logs.append(f.read())
-    shown = "\n".join(f"--- process {i} ---\n{o[-6000:]}" for i, o in enumerate(logs))
-    assert not hung, f"processes {hung} still running (after a failure or {timeout}s):\n{shown}"
-    assert all(p.returncode == 0 for p in procs), shown
-    return logs
+    """Waits for the processes logging under ``root`` (see ``test_multiprocess.finish``)."""
+    return finish(procs, root, timeout)
 
 
 def _rows(path):
     """Every logged row, without timing and throughput."""
     return [{k: v for k, v in r.items() if not k.startswith(_TIMING)} for r in read_jsonl(path)]
-
-
-def _final_params(workdir):
-    """The newest checkpoint's step and params, read onto one device from its metadata."""
-    directory = os.path.join(workdir, "checkpoints")
-    ckpt = Checkpointer(directory, save_every=1, keep=0)
-    meta = ocp.StandardCheckpointer().metadata(
-        os.path.join(directory, str(ckpt.latest_step()), "state"))
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
-                          meta.item_metadata.tree)
-    step, state, _ = ckpt.restore_latest_intact(target)
-    ckpt.close()
-    return step, jax.tree.map(np.asarray, jax.device_get(state["params"]))
 
 
 @pytest.fixture(scope="module")
