@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -127,9 +128,13 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def save(self, step: int, state: Any, data_state: dict[str, Any], *,
+    def save(self, step: int, state: Any,
+             data_state: dict[str, Any] | Callable[[], dict[str, Any]], *,
              force: bool = False) -> bool:
         """Starts an (async) save if ``step`` is a multiple of ``save_every``, or with ``force``.
+
+        ``data_state`` may be a function, called only when the save happens (an
+        asynchronous rollout source finishes its in-flight rollouts to record them).
 
         Raises:
           CheckpointSaveError: this save, or the async one before it, failed to write.
@@ -137,6 +142,8 @@ class Checkpointer:
         # The schedule is decided here, not by Orbax, which also saves the first step it sees.
         if not force and step % self.save_every:
             return False
+        if callable(data_state):
+            data_state = data_state()
         # Orbax finishes the previous async save before starting this one.
         self._finish_pending()
         try:

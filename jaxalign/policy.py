@@ -191,7 +191,7 @@ class Sample(NamedTuple):
 
 def sample_batch(model_def: ModelDef, params: Any, tokens_bt: np.ndarray, mask_bt: np.ndarray,
                  rng: jax.Array, cfg: sampling.SamplingConfig, *, mesh: Mesh | None = None,
-                 rules: shd.Rules | None = None) -> sampling.SampleOut:
+                 rules: shd.Rules | None = None, fetch: bool = True) -> sampling.SampleOut:
     """One laid-out prompt batch (left-padded host arrays) through the KV-cache sampler.
 
     Args:
@@ -201,6 +201,8 @@ def sample_batch(model_def: ModelDef, params: Any, tokens_bt: np.ndarray, mask_b
       cfg: sampling settings.
       mesh, rules: shard activations, the KV cache and the prompt rows over ``mesh``;
         None samples on one device, unconstrained.
+      fetch: False returns the device arrays at once, while the sampler still runs
+        (asynchronous rollouts); pass them to ``multihost.fetch`` when needed.
 
     Returns:
       The :class:`~jaxalign.sampling.SampleOut` (``B * num_samples`` rows), on the host.
@@ -212,7 +214,8 @@ def sample_batch(model_def: ModelDef, params: Any, tokens_bt: np.ndarray, mask_b
 
     sampler = _compiled("sample", model_def, mesh, rules, build, cfg)
     placed = _placed({"t": tokens_bt, "m": mask_bt}, mesh)
-    return multihost.fetch(sampler(params, placed["t"], placed["m"], rng))
+    out = sampler(params, placed["t"], placed["m"], rng)
+    return multihost.fetch(out) if fetch else out
 
 
 def samples(out: sampling.SampleOut) -> list[Sample]:

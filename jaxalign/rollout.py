@@ -21,11 +21,18 @@ rows it holds, each process scores its own prompts' samples (reward functions ru
 on that host) and the scores are gathered. Every process then holds the whole
 rollout and runs the same host code on it (advantages, selection, minibatches), so
 the numbers are those of one process; each minibatch is placed as a global array.
+
+With ``rl.rollout_devices`` the sampler (and the log-prob pass) run on devices of their
+own, from a copy of the weights (``jaxalign.rollout_mesh``); with ``rl.async_steps=k``
+the next ``k`` rollouts are sampled while the trainer updates. A rollout is therefore
+two halves: :meth:`Rollout.start` dispatches the sampler and returns at once,
+:meth:`Rollout.finish` waits for the samples, scores them and lays out the batches.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -34,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign import losses, multihost, policy, rewards, sampling
+from jaxalign import losses, multihost, policy, rewards, rollout_mesh, sampling
 from jaxalign import sharding as shd
 from jaxalign.algos.base import Loader, RunContext
 from jaxalign.config import sampling_keys, section
@@ -46,6 +53,8 @@ from jaxalign.step import ModelDef
 SEQ_KEYS = ("inputs_bt", "targets_bt", "positions_bt", "segment_ids_bt", "loss_mask_bt")
 # Key of the rollout's host state inside the checkpointed data state.
 ROLLOUT_STATE_KEY = "rollout"
+# Key of the in-flight rollouts (asynchronous sampling) inside the checkpointed data state.
+INFLIGHT_KEY = "inflight_rollouts"
 
 
 def oversample(config: Any) -> int:
@@ -96,6 +105,7 @@ def check_config(config: Any) -> None:
     if not rl.offpolicy_cap > 1:
         raise ValueError(f"rl.offpolicy_cap={rl.offpolicy_cap} must be > 1")
     prompts_per_rollout(config)
+    rollout_mesh.check_config(config)
     rewards.check_spec(rl.rewards)
 
 
@@ -108,6 +118,37 @@ def make_rewards(ctx: RunContext) -> rewards.Rewards:
                                mesh=ctx.mesh, rules=ctx.rules, eos_id=tok.eos_id,
                                pad_id=tok.pad_id or 0)
     return ctx.shared("rewards", build)
+
+
+@dataclasses.dataclass
+class Started:
+    """A rollout whose sampler is dispatched (maybe still running on the devices)."""
+
+    step: int  # the first step that trains on it
+    version: int  # update count of the weights that sample it
+    params: Any  # those weights (on the sampler's mesh)
+    prompts: dict[str, np.ndarray]  # the whole prompt batch
+    extras: list[dict[str, Any]]  # this process's prompt records
+    out: sampling.SampleOut  # device arrays
+    t0: float  # when the sampler was dispatched
+    handoff: dict[str, float]
+    dispatch_s: float  # host time to dispatch it (tracing and compiling included)
+    _done: list[float] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        # A watcher notes when the samples are ready, so the sampler's own time is known
+        # even when the host only asks for them later.
+        def watch():
+            jax.block_until_ready(self.out)
+            self._done.append(time.perf_counter())
+        self._watcher = threading.Thread(target=watch, daemon=True)
+        self._watcher.start()
+
+    def sampled_s(self, fetched: float) -> float:
+        """Seconds from dispatch to samples ready: the watcher's time, or ``fetched`` (when
+        the host had them) if earlier — a watcher waiting for the GIL notes late."""
+        self._watcher.join(timeout=1.0)
+        return min(self._done[0] if self._done else fetched, fetched) - self.t0
 
 
 @dataclasses.dataclass
@@ -152,6 +193,17 @@ class Rollout:
                                model_def.abstract_state)
         self.reference = (ctx.initial_params() if rl.kl_coef > 0 and not self.shared_reference
                           else None)
+        # The sampler's own devices (rl.rollout_devices), or the training mesh.
+        self.devices = (rollout_mesh.SamplerDevices(config, mesh, ctx.param_shardings)
+                        if rl.rollout_devices else None)
+        if self.devices is not None:
+            mesh = self.devices.mesh
+            if self.reference is not None:
+                self.reference = self.devices.place(self.reference)
+        self.mesh = mesh
+        # Asynchronous batches come from older weights: the update's ratio needs the
+        # behaviour policy's log-probs even when each rollout feeds one update.
+        self.reuse = self.reuse or rl.async_steps > 0
         value_fn, temp = self.value_fn, float(rl.temperature)
 
         def logprob_pass(params, ref_params, seq):
@@ -184,25 +236,50 @@ class Rollout:
     def __call__(self, state: Mapping[str, Any], host: Mapping[str, Any], step: int
                  ) -> list[tuple[dict[str, jax.Array], dict[str, np.ndarray],
                                  dict[str, float]]]:
-        """The training batches of one rollout started at ``step``: each as a global
-        batch, the same rows on the host (every process holds them all) and host metrics.
+        """The training batches of one rollout sampled with ``state``'s params and trained
+        from ``step`` on: :meth:`start` then :meth:`finish`."""
+        return self.finish(self.start(state, host, step, version=step))
 
-        ``host`` is this process's share of the prompt batch. Every process gathers the
-        whole batch, the sampler draws each row on the devices that hold it, each
-        process scores its own prompts' samples, and from the gathered rewards on every
-        process lays out the whole rollout (advantages, selection, minibatches) with
-        the same host code: the numbers do not depend on the process count.
+    def start(self, state: Mapping[str, Any], host: Mapping[str, Any], step: int, *,
+              version: int) -> Started:
+        """Dispatches the sampler on a prompt batch and returns while it runs.
+
+        ``host`` is this process's share of the prompt batch: every process gathers the
+        whole batch, and the sampler draws each row on the devices that hold it.
+        ``step`` is the first step that trains on the rollout (it seeds the sampler and
+        the minibatch order); ``version`` the update count of ``state``'s params.
         """
-        mesh, g = self.ctx.mesh, self.rl.num_samples
+        handoff: dict[str, float] = {"time/handoff_s": 0.0}
+        params = state["params"]
+        if self.devices is not None:
+            params, handoff = self.devices.handoff(params)
         t0 = time.perf_counter()
         prompts = multihost.gather_tree({k: host[k] for k in ("prompt_tokens_bt",
                                                               "prompt_mask_bt")})
-        # The sampler reads the trainer's params in place: no weight copy.
-        out = policy.sample_batch(self.ctx.model_def, state["params"], prompts["prompt_tokens_bt"],
+        out = policy.sample_batch(self.ctx.model_def, params, prompts["prompt_tokens_bt"],
                                   prompts["prompt_mask_bt"], jax.random.fold_in(self._key, step),
-                                  self.sampling, mesh=mesh, rules=self.ctx.rules)
+                                  self.sampling, mesh=self.mesh, rules=self.ctx.rules,
+                                  fetch=False)
+        return Started(step=step, version=version, params=params, prompts=prompts,
+                       extras=list(host["extras"]), out=out, t0=t0, handoff=handoff,
+                       dispatch_s=time.perf_counter() - t0)
+
+    def finish(self, started: Started) -> list[tuple[dict[str, jax.Array],
+                                                     dict[str, np.ndarray], dict[str, float]]]:
+        """Waits for a started rollout's samples, scores them (each process its own
+        prompts'; the scores gathered) and, from the gathered rewards, lays out the whole
+        rollout on every process with the same host code (advantages, selection,
+        minibatches): the numbers do not depend on the process count."""
+        mesh, g, step = self.mesh, self.rl.num_samples, started.step
+        t_wait = time.perf_counter()
+        out = multihost.fetch(started.out)
         t1 = time.perf_counter()
-        reward_b, parts, real_b = self._score(prompts, out, host["extras"])
+        # The host's share of sampling: dispatching it, then waiting for what was left.
+        exposed = started.dispatch_s + t1 - t_wait
+        # Sampling's own time, when something ran beside it (else all of it was exposed).
+        sampled_s = started.sampled_s(t1) if self.rl.async_steps else exposed
+        prompts = started.prompts
+        reward_b, parts, real_b = self._score(prompts, out, started.extras)
         t2 = time.perf_counter()
 
         seq = jax.device_get(sampling.completion_batch(
@@ -227,8 +304,8 @@ class Rollout:
             train_reward_b = reward_b
         if self.has_reference or self.reuse or self.value_fn is not None:
             seq = multihost.global_rows({k: batch[k] for k in SEQ_KEYS}, mesh)
-            ref = state["params"] if self.shared_reference else self.reference
-            batch.update(multihost.fetch(self._logprob_pass(state["params"], ref, seq)))
+            ref = started.params if self.shared_reference else self.reference
+            batch.update(multihost.fetch(self._logprob_pass(started.params, ref, seq)))
         t3 = time.perf_counter()
         extra, metrics = self.advantages(batch, train_reward_b)
         metrics.update(select_metrics)
@@ -240,9 +317,13 @@ class Rollout:
             "reward/mean": float(reward_b[real_b].mean()) if real_b.any() else 0.0,
             "completion/length": float(lengths[real_b].mean()) if real_b.any() else 0.0,
             "completion/stopped": float(stopped[real_b].mean()) if real_b.any() else 0.0,
-            "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/logprobs_s": t3 - t2,
-            # The sampler reads the trainer's params in place: there is no copy to time.
-            "time/handoff_s": 0.0,
+            # Sampling's own time, and the part of it the host waited for (the rest
+            # ran while the trainer updated).
+            "time/rollout_s": sampled_s, "time/rollout_wait_s": exposed,
+            "rollout/overlap": float(np.clip(1.0 - exposed / max(sampled_s, 1e-9), 0, 1)),
+            "time/reward_s": t2 - t1, "time/logprobs_s": t3 - t2,
+            "rl/policy_version": float(started.version),
+            **started.handoff,
         })
         for name, scores in parts.items():
             metrics[f"reward/{name}"] = float(scores[real_b].sum() / real)
@@ -304,42 +385,93 @@ class Rollout:
 class RolloutBatches:
     """An online stage's training batches (a ``jaxalign.algos.base.BatchSource``).
 
-    Each prompt batch of the loader becomes one rollout, sampled with the params of
-    the step it starts at; its ``epochs × minibatches`` batches feed that many steps.
-    A checkpoint is possible only between rollouts, and it records the loader's
-    position with the rollout's host state (e.g. PPO's adaptive KL coefficient), so a
-    resumed run continues both exactly.
+    Each prompt batch of the loader becomes one rollout, whose ``epochs × minibatches``
+    batches feed that many steps. Synchronously (``rl.async_steps=0``) a rollout is
+    sampled with the params of the step it starts at. With ``async_steps=k`` the
+    sampler, on devices of its own, keeps ``k`` rollouts in flight: when a rollout's
+    first step comes, the oldest in flight is finished (scored, laid out) and the next
+    is started from the current weights, then sampled while the trainer updates — so
+    a batch comes from weights up to ``k`` rollouts old (``rl/policy_lag`` logs the
+    updates between sampling and training weights). The first ``k`` rollouts all use
+    the initial weights.
+
+    A checkpoint is possible only between rollouts; it records the loader's position,
+    the rollout's host state (e.g. PPO's adaptive KL coefficient) and the in-flight
+    rollouts, finished (``jaxalign.rollout_mesh.encode_rollout``), so a resumed run
+    continues exactly.
     """
 
-    synchronous = True  # the next rollout needs this update's params anyway
     host_is_global = True  # every process holds the whole rollout
 
     def __init__(self, rollout: Rollout, prompts: Loader):
         self.rollout = rollout
         self.prompts = prompts.iterator()
+        rl, train = rollout.rl, rollout.ctx.config.train
+        self.async_steps = int(rl.async_steps)
+        # Synchronous: the next rollout needs this update's params, so each step waits.
+        self.synchronous = self.async_steps == 0
+        self.updates_per_rollout = rl.epochs * rl.minibatches
+        self.total_steps = train.steps
         self._queue: list[tuple[dict[str, jax.Array], dict[str, np.ndarray],
                                 dict[str, float]]] = []
+        # Rollouts started ahead (Started) or restored finished ((host, metrics) lists).
+        self._inflight: list[Started | list] = []
+        self._next_start = 0  # first step of the next rollout to start
         self._state = self.prompts.get_state()
         self._t0 = 0.0
+        self._update_done: list[float] = []
+
+    def _start(self, state: Mapping[str, Any], version: int) -> None:
+        self._inflight.append(self.rollout.start(state, next(self.prompts), self._next_start,
+                                                 version=version))
+        self._next_start += self.updates_per_rollout
+
+    def _finish(self, item: Started | list) -> list:
+        return self.rollout.finish(item) if isinstance(item, Started) else item
 
     def next(self, state: Mapping[str, Any], step: int):
         if not self._queue:
-            self._queue = self.rollout(state, next(self.prompts), step)
+            if not self._inflight:
+                self._next_start = step
+                self._start(state, step)
+            self._queue = self._finish(self._inflight.pop(0))
+            # Start the rollouts the sampler works on while this one trains (none past
+            # the run's last step).
+            while (len(self._inflight) < self.async_steps
+                   and self._next_start < self.total_steps):
+                self._start(state, step)
             self._state = {**self.prompts.get_state(),
                            ROLLOUT_STATE_KEY: self.rollout.state()}
         batch, host, host_metrics = self._queue.pop(0)
+        host_metrics = dict(host_metrics)
+        if "rl/policy_version" in host_metrics:
+            host_metrics["rl/policy_lag"] = step - host_metrics["rl/policy_version"]
         self._t0 = time.perf_counter()
-        return batch, host, dict(host_metrics)
+        return batch, host, host_metrics
 
     def after_update(self, metrics: Any, host_metrics: dict[str, float]) -> dict[str, float]:
-        """Waits for the update (the time split stays honest) and adds the split."""
-        jax.block_until_ready(metrics)
-        host_metrics = {**host_metrics, "time/update_s": time.perf_counter() - self._t0}
+        """Adds the update's time and the step's time split. Synchronously it waits for
+        the update; asynchronously a watcher times it, read at the next step."""
+        if self.synchronous:
+            jax.block_until_ready(metrics)
+            update_s = time.perf_counter() - self._t0
+        else:
+            update_s = self._update_done[0] if self._update_done else 0.0
+            done, t0 = [], self._t0
+
+            def watch():
+                jax.block_until_ready(metrics)
+                done.append(time.perf_counter() - t0)
+            threading.Thread(target=watch, daemon=True).start()
+            self._update_done = done
+        host_metrics = {**host_metrics, "time/update_s": update_s}
+        # The host's time: sampling counts only as far as it was waited for.
+        exposed = {**host_metrics, "time/rollout_s": host_metrics.get(
+            "time/rollout_wait_s", host_metrics.get("time/rollout_s", 0.0))}
         parts = ("rollout", "reward", "logprobs", "update", "handoff")
-        total = sum(host_metrics.get(f"time/{k}_s", 0.0) for k in parts)
+        total = sum(exposed.get(f"time/{k}_s", 0.0) for k in parts)
         for k in parts:
-            host_metrics[f"time_frac/{k}"] = host_metrics.get(f"time/{k}_s", 0.0) / max(
-                total, 1e-9)
+            host_metrics[f"time_frac/{k}"] = exposed.get(f"time/{k}_s", 0.0) / max(total, 1e-9)
         return host_metrics
 
     @property
@@ -347,16 +479,33 @@ class RolloutBatches:
         return not self._queue
 
     def get_state(self) -> dict[str, Any]:
-        return self._state
+        """The data position; with rollouts in flight, finishes them to record them."""
+        state = dict(self._state)
+        if self._inflight:
+            self._inflight = [self._finish(x) for x in self._inflight]
+            state[INFLIGHT_KEY] = {
+                "next_start": self._next_start,
+                "rollouts": [rollout_mesh.encode_rollout([(h, m) for _, h, m in x])
+                             for x in self._inflight]}
+            # Finishing updated the rollout's host state (e.g. PPO's adaptive KL).
+            state[ROLLOUT_STATE_KEY] = self.rollout.state()
+        return state
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         state = dict(state)
         rollout_state = state.pop(ROLLOUT_STATE_KEY, None)
+        inflight = state.pop(INFLIGHT_KEY, None)
         if state:
             self.prompts.set_state(state)
         self._state = self.prompts.get_state()
         if rollout_state is not None:
             self.rollout.load_state(rollout_state)
+        if inflight:
+            mesh = self.rollout.ctx.mesh
+            self._inflight = [[(multihost.global_rows(h, mesh), h, m)
+                               for h, m in rollout_mesh.decode_rollout(x)]
+                              for x in inflight["rollouts"]]
+            self._next_start = int(inflight["next_start"])
 
     def metrics(self) -> dict[str, float]:
         return self.prompts.metrics()
@@ -395,6 +544,7 @@ def rl_config(**overrides: Any):
                    "tis (truncated IS) | mis (masked IS) | seq_mask (drop sequences)"),
         offpolicy_cap=(2.0, "off-policy ratio bound (> 1): tis caps at it, mis and seq_mask "
                        "zero ratios outside [1/cap, cap]"),
+        **rollout_mesh.config_keys(),
     )
     rl.update(overrides)
     return rl

@@ -19,7 +19,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxalign import algos, storage
+from jaxalign import algos, rollout_mesh, storage
 from jaxalign import sharding as shd
 from jaxalign import step as step_lib
 from jaxalign.algos.base import BatchSource, Loader, RunContext
@@ -210,7 +210,9 @@ class Trainer:
         check_config(config)  # typos and impossible sizes fail before any work
         maybe_initialize_distributed()
         self.workdir = workdir
-        self.mesh = mesh if mesh is not None else make_mesh(config.mesh)
+        # An RL stage may keep devices for its sampler (rl.rollout_devices).
+        self.mesh = mesh if mesh is not None else make_mesh(
+            config.mesh, rollout_mesh.training_devices(config))
         check_batch_layout(config, self.mesh)
         self.stage = algos.get_stage(config.stage)
         self.stage.check_config(config)  # stage options fail before any data or model work
@@ -440,7 +442,7 @@ class Trainer:
         """Checkpoints ``step`` (on schedule, or with ``force``) unless an update was non-finite."""
         if force or step % self.checkpointer.save_every == 0:
             self._check_nonfinite(metrics or {}, step)
-        self.checkpointer.save(step, self._checkpointed(self.state), self.data_state,
+        self.checkpointer.save(step, self._checkpointed(self.state), lambda: self.data_state,
                                force=force)
 
     def _start_log(self, start: int) -> StepLog:
@@ -465,7 +467,7 @@ class Trainer:
             f"loss positions, the unembedding's 6*V*D only at those); peak {peak:.3e} "
             f"FLOP/s ({peak_src}). tokens_per_s and mfu count non-padding tokens only, "
             "positions_per_s every padded position")
-        progress.line(f"mesh {dict(self.mesh.shape)} on {jax.device_count()} "
+        progress.line(f"mesh {dict(self.mesh.shape)} on {self.mesh.size} of {jax.device_count()} "
                       f"{jax.devices()[0].platform} devices; starting at step {start}")
         throughput = Throughput(model_cfg.flops_per_token, peak,
                                 unembed_flops=6.0 * model_cfg.d_model * model_cfg.vocab_size)

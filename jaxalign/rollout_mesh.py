@@ -1,0 +1,177 @@
+"""Rollouts on their own devices: the sampler's mesh, the weight hand-off, in-flight rollouts.
+
+With ``rl.rollout_devices = n`` each process gives its last ``n / processes`` local
+devices to the sampler and the training mesh (``config.mesh``) is built on the rest.
+The sampler's mesh (``rl.rollout_mesh``) lays the same logical axes over its own
+devices with its own sizes — e.g. all data-parallel (weights replicated) for decode
+while training shards them FSDP — and before each rollout the trainer's weights are
+copied across: the hand-off, one resharding transfer inside the program, whose bytes
+and seconds are logged (``handoff/bytes``, ``time/handoff_s``).
+
+With ``rl.async_steps = k > 0`` (which needs its own devices) the sampler works ``k``
+rollouts ahead: while the trainer updates, the sampler's devices generate the next
+rollout from weights at most ``k`` rollouts old (``jaxalign.rollout.RolloutBatches``).
+A checkpoint records the in-flight rollouts themselves (finished, as host arrays:
+:func:`encode_rollout`), so a resumed run trains on exactly the batches the
+uninterrupted one would have — regenerating them would need the older weights.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from jaxalign.config import section
+from jaxalign.mesh import make_mesh
+
+# Stages whose rollouts may run on their own devices (they build ``jaxalign.rollout``).
+RL_STAGES = ("grpo", "ppo")
+
+
+def config_keys() -> dict[str, Any]:
+    """The ``rl`` keys of the sampler's devices and asynchrony, with their meanings."""
+    return dict(
+        rollout_devices=(0, "devices (over all processes) given to the sampler; the "
+                         "training mesh uses the rest. 0 = the sampler shares the "
+                         "training devices and reads the weights in place"),
+        rollout_mesh=section(
+            "rl.rollout_mesh", "The sampler's own mesh over rl.rollout_devices (same axes "
+                               "as mesh; -1 = the rest).",
+            data=(-1, "data-parallel sampler devices"),
+            fsdp=(1, "devices sharding the sampler's weights ZeRO-style"),
+            tensor=(1, "tensor-parallel sampler devices")),
+        async_steps=(0, "rollouts the sampler works ahead of the trainer (needs "
+                     "rl.rollout_devices): each batch is sampled from weights up to "
+                     "async_steps rollouts old; 0 = synchronous"),
+    )
+
+
+def rollout_device_count(config: ml_collections.ConfigDict) -> int:
+    """``rl.rollout_devices`` of an RL stage's config (0 for any other stage)."""
+    if config.get("stage") not in RL_STAGES or "rl" not in config:
+        return 0
+    return int(config.rl.get("rollout_devices", 0))
+
+
+def split_devices(n_rollout: int, devices: Sequence[jax.Device] | None = None
+                  ) -> tuple[list[jax.Device], list[jax.Device]]:
+    """``(training devices, sampler devices)``: each process gives its last
+    ``n_rollout / processes`` local devices to the sampler.
+
+    Raises:
+      ValueError: ``n_rollout`` does not split evenly over the processes, or leaves a
+        process no training device.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    procs = sorted({d.process_index for d in devices})
+    if n_rollout < 0 or n_rollout % len(procs):
+        raise ValueError(f"rl.rollout_devices={n_rollout} must be a non-negative multiple of "
+                         f"the {len(procs)} processes (each gives the sampler as many)")
+    per = n_rollout // len(procs)
+    train, rollout = [], []
+    for p in procs:
+        local = [d for d in devices if d.process_index == p]
+        if per >= len(local):
+            raise ValueError(f"rl.rollout_devices={n_rollout} leaves process {p} none of its "
+                             f"{len(local)} devices for training")
+        train += local[:len(local) - per]
+        rollout += local[len(local) - per:]
+    return train, rollout
+
+
+def training_devices(config: ml_collections.ConfigDict) -> list[jax.Device] | None:
+    """The devices the training mesh is built on (None: all of them)."""
+    n = rollout_device_count(config)
+    return split_devices(n)[0] if n else None
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Stops before any compute on impossible sampler-device settings."""
+    rl = config.rl
+    n, k = int(rl.get("rollout_devices", 0)), int(rl.get("async_steps", 0))
+    if k < 0:
+        raise ValueError(f"rl.async_steps={k} must be >= 0")
+    if n and config.get("stage") not in RL_STAGES:
+        raise ValueError(f"rl.rollout_devices={n}: only the {'/'.join(RL_STAGES)} stages "
+                         f"sample on their own devices, not stage={config.get('stage')}")
+    if k and not n:
+        raise ValueError(f"rl.async_steps={k} needs rl.rollout_devices > 0: the sampler can "
+                         "only work ahead of the trainer on devices of its own")
+    if n:
+        split_devices(n)
+
+
+class SamplerDevices:
+    """The sampler's mesh and its copy of the weights (``rl.rollout_devices > 0``).
+
+    Args:
+      config: the run's config (``rl.rollout_devices``, ``rl.rollout_mesh``).
+      train_mesh: the training mesh; must not share a device with the sampler's.
+      param_shardings: the training params' shardings, whose partition specs (by the
+        same logical rules) are laid over the sampler's mesh.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, train_mesh: Mesh,
+                 param_shardings: Any):
+        devices = split_devices(int(config.rl.rollout_devices))[1]
+        shared = set(devices) & set(train_mesh.devices.flat)
+        if shared:
+            raise ValueError(f"rl.rollout_devices: the training mesh already uses sampler "
+                             f"device(s) {sorted(d.id for d in shared)}; build the run's "
+                             "mesh without them (the default when no mesh is passed)")
+        self.mesh = make_mesh(config.rl.rollout_mesh, devices)
+        self.shardings = jax.tree.map(lambda s: NamedSharding(self.mesh, s.spec),
+                                      param_shardings)
+
+    def place(self, params: Any) -> Any:
+        """A copy of ``params`` (sharded like the training params) on the sampler's mesh."""
+        return jax.device_put(params, self.shardings)
+
+    def handoff(self, params: Any) -> tuple[Any, dict[str, float]]:
+        """The weights copied onto the sampler's mesh, with the copy's bytes and seconds.
+
+        Waits for the update that produced ``params`` first, so the seconds are the
+        transfer's alone.
+        """
+        jax.block_until_ready(params)
+        t0 = time.perf_counter()
+        copy = jax.block_until_ready(self.place(params))
+        nbytes = sum(x.nbytes for x in jax.tree.leaves(params))
+        return copy, {"time/handoff_s": time.perf_counter() - t0,
+                      "handoff/bytes": float(nbytes)}
+
+
+# -- in-flight rollouts in a checkpoint --------------------------------------------------------
+
+
+def _encode_array(x: np.ndarray) -> dict[str, Any]:
+    x = np.ascontiguousarray(x)
+    return {"dtype": x.dtype.str, "shape": list(x.shape),
+            "data": base64.b64encode(x.tobytes()).decode("ascii")}
+
+
+def _decode_array(d: Mapping[str, Any]) -> np.ndarray:
+    raw = base64.b64decode(d["data"])
+    return np.frombuffer(raw, np.dtype(d["dtype"])).reshape(d["shape"]).copy()
+
+
+def encode_rollout(parts: Sequence[tuple[Mapping[str, np.ndarray], Mapping[str, float]]]
+                   ) -> list[dict[str, Any]]:
+    """A finished rollout's training batches (host arrays, host metrics) as JSON values."""
+    return [{"host": {k: _encode_array(v) for k, v in host.items()},
+             "metrics": {k: float(v) for k, v in metrics.items()}}
+            for host, metrics in parts]
+
+
+def decode_rollout(items: Sequence[Mapping[str, Any]]
+                   ) -> list[tuple[dict[str, np.ndarray], dict[str, float]]]:
+    """The inverse of :func:`encode_rollout` (bit-exact arrays)."""
+    return [({k: _decode_array(v) for k, v in item["host"].items()}, dict(item["metrics"]))
+            for item in items]
