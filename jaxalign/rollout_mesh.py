@@ -129,10 +129,28 @@ class SamplerDevices:
         self.mesh = make_mesh(config.rl.rollout_mesh, devices)
         self.shardings = jax.tree.map(lambda s: NamedSharding(self.mesh, s.spec),
                                       param_shardings)
+        self._replicate = jax.jit(lambda x: x, out_shardings=NamedSharding(
+            train_mesh, jax.sharding.PartitionSpec()))
 
     def place(self, params: Any) -> Any:
-        """A copy of ``params`` (sharded like the training params) on the sampler's mesh."""
-        return jax.device_put(params, self.shardings)
+        """A copy of ``params`` (sharded like the training params) on the sampler's mesh.
+
+        One process: a direct device-to-device resharding. Several: JAX reshards across
+        hosts only between equal device sets, so each leaf is first gathered whole onto
+        the training devices (an all-gather inside the training mesh; skipped when already
+        replicated), then every process copies the pieces its sampler devices hold from
+        its own replica — one leaf at a time, so at most one extra whole leaf per device.
+        """
+        if jax.process_count() == 1:
+            return jax.device_put(params, self.shardings)
+        return jax.tree.map(self._place_leaf, params, self.shardings)
+
+    def _place_leaf(self, x: jax.Array, target: NamedSharding) -> jax.Array:
+        whole = x if x.is_fully_replicated else self._replicate(x)
+        local = whole.addressable_shards[0].data
+        pieces = [jax.device_put(local[idx], d)
+                  for d, idx in target.addressable_devices_indices_map(x.shape).items()]
+        return jax.make_array_from_single_device_arrays(x.shape, target, pieces)
 
     def handoff(self, params: Any) -> tuple[Any, dict[str, float]]:
         """The weights copied onto the sampler's mesh, with the copy's bytes and seconds.

@@ -28,6 +28,9 @@ CASES = {
     "grpo": ("grpo", {**_RL, "train.steps": 6, "rl.minibatches": 2, "rl.kl_coef": 0.05,
                       "grpo.dynamic_sampling": True, "grpo.oversample": 2,
                       "checkpoint.save_every": 2, "data.eval": ""}),
+    # The sampler on 4 devices of its own (2 per process), one rollout ahead of the trainer.
+    "async": ("grpo", {**_RL, "train.steps": 4, "rl.rollout_devices": 4, "rl.async_steps": 1,
+                       "checkpoint.save_every": 2, "data.eval": ""}),
     # A reward model for PPO: one step on unpacked pairs, none dropped (packing, and
     # dropping overlong records, fill rows within each process's share of the records).
     "rm": ("rm", {"train.steps": 1, "data.eval": "", "data.pack": False,
@@ -64,7 +67,7 @@ def main(root: str, cases: list[str], models: str = "") -> None:
     import jax
     from presets import preset
 
-    from jaxalign import policy
+    from jaxalign import multihost, policy
     from jaxalign.jobs import run_stage
 
     calls = []
@@ -72,7 +75,7 @@ def main(root: str, cases: list[str], models: str = "") -> None:
 
     def recording(*args, **kwargs):
         out = sample_batch(*args, **kwargs)
-        calls.append(np.asarray(out.tokens_bn))
+        calls.append(np.asarray(multihost.fetch(out.tokens_bn)))
         return out
 
     policy.sample_batch = recording

@@ -95,7 +95,7 @@ def test_two_processes_match_one_and_resume(tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     _train(one, 1)
     outs = _train(two, 2)
-    assert "on 8 cpu devices" in outs[0]  # progress lines come from process 0 only
+    assert "on 8 of 8 cpu devices" in outs[0]  # progress lines come from process 0 only
     np.testing.assert_allclose(_losses(two), _losses(one), atol=1e-6, rtol=0)
     assert len(_losses(two)) == 8  # only process 0 writes metrics
 

@@ -4,9 +4,10 @@ the numbers of 1 process x 8 devices, and a GRPO run killed mid-rollout resumes 
 GRPO (dynamic sampling over 2x the prompts, KL reference, 2 updates per rollout), PPO
 (whitened advantages, 2 epochs x 2 minibatches, adaptive KL, a reward model trained
 one step beforehand), one rejection-sampling round and sampled distillation batches all
-score with a user's Python reward imported by its path (``tests/mp_rl_driver.py``, which
-runs every case in one process). Every logged number must agree within 1e-5 and every
-sampler call must draw the same token ids.
+score with a user's Python reward imported by its path, as does a GRPO run with its
+sampler on devices of its own (2 per process) one rollout ahead of the trainer
+(``tests/mp_rl_driver.py``, which runs every case in one process). Every logged
+number must agree within 1e-5 and every sampler call must draw the same token ids.
 
 The runs compile with XLA's backend optimisation off: compiling dominates these tiny
 runs on a 2-core machine, and both layouts compile alike, so the comparison holds.
@@ -30,10 +31,10 @@ pytestmark = pytest.mark.slow  # starts processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER = os.path.join(ROOT, "tests", "mp_rl_driver.py")
-CASES = ("grpo", "rm", "ppo", "rejection", "distill")
-SAMPLED = ("grpo", "ppo", "rejection", "distill")  # the cases that sample
+CASES = ("grpo", "async", "rm", "ppo", "rejection", "distill")
+SAMPLED = ("grpo", "async", "ppo", "rejection", "distill")  # the cases that sample
 # Throughput and timing vary from run to run; every other logged number must not.
-_TIMING = ("tokens_per_s", "positions_per_s", "mfu", "time/", "time_frac/")
+_TIMING = ("tokens_per_s", "positions_per_s", "mfu", "time/", "time_frac/", "rollout/overlap")
 
 
 def _free_port():
@@ -83,7 +84,7 @@ def runs(tmp_path_factory):
     one, two = str(base / "one"), str(base / "two")
     _finish(one, _start(one, 1, CASES))
     logs = _finish(two, _start(two, 2, CASES, models=one))
-    assert "on 8 cpu devices" in logs[0]
+    assert "on 8 of 8 cpu devices" in logs[0]
     return one, two
 
 
