@@ -1,12 +1,23 @@
-"""B9: where an online RL step spends its time (GRPO, one process).
+"""B9: where an online RL step spends its time (GRPO), and what a sampler of its own buys.
 
 Runs the GRPO stage on a small Llama-shaped model from scratch (a learnable
-token-level reward, so every group has signal) and reports, per step, the
-fractions of wall time in rollout (the KV-cache sampler), reward scoring,
-log-prob passes (the frozen reference's, for the KL term), the update, and the
-weight hand-off to the sampler — which is nothing to do here: the sampler reads
-the trainer's sharded params in place. Medians and min/max over the measured
-steps (the first rollout and update, which compile, are excluded).
+token-level reward, so every group has signal) in three layouts:
+
+* ``shared``: the sampler reads the trainer's sharded params in place on every device
+  (no hand-off);
+* ``split``: the sampler on half the devices of its own (``rl.rollout_devices``), the
+  weights handed off before each rollout, synchronous;
+* ``async``: the same split, the sampler one rollout ahead (``rl.async_steps=1``):
+  the next rollout is sampled while the trainer updates, from one-update-old weights.
+
+Per layout: the fractions of the host's time in rollout (the part of sampling the host
+waited for), reward scoring, log-prob passes, the update and the hand-off; the
+sampler's own seconds, the share of them hidden behind the update (overlap), the
+hand-off's bytes and seconds, the policy lag of the batches trained on, and the
+seconds per step (timed over the measured steps; the first steps, which compile, are
+excluded). On a CPU the "devices" share the host's cores, so overlap cannot make a step
+faster there: the split layouts show the bookkeeping and the hand-off's cost, not the
+gain (which needs devices that really run side by side).
 
     python -m benchmarks.rl_step            # 'small' demo shape, 128 rows x (32 + 16)
     python -m benchmarks.rl_step --quick    # tiny shape, seconds
@@ -35,7 +46,7 @@ def _even_ids(completions, records, ctx):
             for ids in ctx.completion_ids]
 
 
-def _config(quick: bool, steps: int):
+def _config(quick: bool, steps: int, layout: str, devices: int):
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     from configs.grpo import get_config
 
@@ -54,38 +65,78 @@ def _config(quick: bool, steps: int):
     config.train.log_every = 1
     config.checkpoint.save_every = 10_000
     config.metrics.peak_flops = 1e11
+    if layout != "shared":
+        config.rl.rollout_devices = devices // 2
+    if layout == "async":
+        config.rl.async_steps = 1
     config.lock()
     return config
+
+
+def run_layout(quick: bool, steps: int, layout: str, devices: int) -> tuple[list[dict], float]:
+    """The measured steps' logged rows and their median seconds per step (the host's
+    time from one step's batch to the next's)."""
+    from jaxalign.train import train
+
+    warm = 2  # the first rollouts, passes and updates compile
+    with tempfile.TemporaryDirectory() as workdir:
+        train(_config(quick, steps, layout, devices), workdir)
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            rows = [r for r in map(json.loads, f) if r["split"] == "train"][warm:]
+    return rows, _median(rows, "time/step_s")
+
+
+def _median(rows: list[dict], key: str) -> float:
+    return statistics.median(r.get(key, 0.0) for r in rows)
 
 
 def main() -> None:
     parser = report.parser(__doc__, reps=None)
     parser.add_argument("--steps", type=int, default=0)
+    parser.add_argument("--layouts", default="shared,split,async",
+                        help="comma-separated: shared, split, async (split layouts need "
+                             "2+ devices; on CPU 8 fake devices are made)")
     args = parser.parse_args()
-    steps = args.steps or (6 if args.quick else 12)
-    from jaxalign.train import train
+    steps = args.steps or (8 if args.quick else 12)
+    layouts = [x for x in args.layouts.split(",") if x]
+    import jax
 
-    with tempfile.TemporaryDirectory() as workdir:
-        train(_config(args.quick, steps), workdir)
-        with open(os.path.join(workdir, "metrics.jsonl")) as f:
-            rows = [r for r in map(json.loads, f) if r["split"] == "train"][1:]
-    print(f"B9 RL step split (GRPO, {'quick' if args.quick else 'small'} shape, "
-          f"{len(rows)} measured steps, CPU f32)")
-    print(f"{'part':<10} {'median':>8} {'min':>8} {'max':>8} {'median s':>9}")
-    for part in PARTS:
-        fr = [r[f"time_frac/{part}"] for r in rows]
-        secs = [r[f"time/{part}_s"] for r in rows]
-        print(f"{part:<10} {statistics.median(fr):8.3f} {min(fr):8.3f} {max(fr):8.3f} "
-              f"{statistics.median(secs):9.3f}")
-    print(f"tokens/s median {statistics.median(r['tokens_per_s'] for r in rows):,.0f}")
-    fracs = {p: [r[f"time_frac/{p}"] for r in rows] for p in PARTS}
+    if jax.default_backend() == "cpu" and jax.device_count() == 1 and layouts != ["shared"]:
+        print("(split layouts need several devices: run with JAX_NUM_CPU_DEVICES=8)")
+        layouts = ["shared"]
+    devices = jax.device_count()
+    shape = "quick" if args.quick else "small"
+    results = {layout: run_layout(args.quick, steps, layout, devices) for layout in layouts}
+    print(f"B9 RL step split (GRPO, {shape} shape, {steps - 2} measured steps, "
+          f"{devices} {jax.default_backend()} devices, f32)")
+    print(f"{'layout':<7} " + " ".join(f"{p:>9}" for p in PARTS)
+          + f" {'sampler s':>9} {'overlap':>7} {'handoff MB':>10} {'lag':>4} {'s/step':>7}")
+    for layout, (rows, per_step) in results.items():
+        print(f"{layout:<7} " + " ".join(f"{_median(rows, f'time_frac/{p}'):9.3f}"
+                                         for p in PARTS)
+              + f" {_median(rows, 'time/rollout_s'):9.3f} {_median(rows, 'rollout/overlap'):7.2f}"
+              f" {_median(rows, 'handoff/bytes') / 1e6:10.2f}"
+              f" {_median(rows, 'rl/policy_lag'):4.0f} {per_step:7.3f}")
+    base_rows, base_step = results[layouts[0]]
+    fracs = {p: [r[f"time_frac/{p}"] for r in base_rows] for p in PARTS}
     split = " / ".join(f"{p} {statistics.median(fracs[p]):.3f}" for p in PARTS)
-    conf = (f"GRPO, {'quick' if args.quick else 'small'} shape, {len(rows)} measured steps")
-    report.emit([report.row("B9", "hand-off fraction", fracs["handoff"],
-                            "hand-off <= 5% (CPU); rollout <= 60% (GPU)", conf,
-                            figure=f"median fractions: {split}",
-                            fractions={p: statistics.median(fracs[p]) for p in PARTS})],
-                args.json)
+    conf = f"GRPO, {shape} shape, {len(base_rows)} measured steps"
+    out = [report.row("B9", "hand-off fraction", fracs["handoff"],
+                      "hand-off <= 5% (CPU); rollout <= 60% (GPU)", f"{conf}, {layouts[0]}",
+                      figure=f"median fractions: {split}",
+                      fractions={p: statistics.median(fracs[p]) for p in PARTS})]
+    for layout in layouts[1:]:
+        rows, per_step = results[layout]
+        out.append(report.row(
+            "B9", f"{layout} s/step / {layouts[0]} s/step", [per_step / base_step],
+            "informational (CPU devices share cores)", f"{conf}, {layout} vs {layouts[0]}",
+            figure=(f"{layout}: step {per_step / base_step:.3f}x {layouts[0]}'s; hand-off "
+                    f"{_median(rows, 'handoff/bytes') / 1e6:.2f} MB in "
+                    f"{_median(rows, 'time/handoff_s') * 1e3:.1f} ms "
+                    f"({_median(rows, 'time_frac/handoff'):.3f} of the step); overlap "
+                    f"{_median(rows, 'rollout/overlap'):.2f}; lag "
+                    f"{_median(rows, 'rl/policy_lag'):.0f}")))
+    report.emit(out, args.json)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ SUITE = (
     ("benchmarks.dpo_step", ("B4", "B5"), ["--quick"], {}),
     ("benchmarks.b6_packing", ("B6",), ["--reps=3"], {}),
     ("benchmarks.sampler", ("B7", "B8"), ["--quick"], {}),
-    ("benchmarks.rl_step", ("B9",), ["--quick"], {}),
+    ("benchmarks.rl_step", ("B9",), ["--quick"], {"JAX_NUM_CPU_DEVICES": "8"}),
     ("benchmarks.distill_step", ("B12",), ["--quick"], {}),
     ("benchmarks.peers", ("P1", "P2", "P3", "P4"), ["--quick"], {}),
     ("benchmarks.real_model", ("P5", "P6"), ["--quick"], {}),

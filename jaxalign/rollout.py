@@ -446,7 +446,11 @@ class RolloutBatches:
         host_metrics = dict(host_metrics)
         if "rl/policy_version" in host_metrics:
             host_metrics["rl/policy_lag"] = step - host_metrics["rl/policy_version"]
-        self._t0 = time.perf_counter()
+        now = time.perf_counter()
+        if self._t0:
+            # The whole previous step, as the host saw it (its logging included).
+            host_metrics["time/step_s"] = now - self._t0
+        self._t0 = now
         return batch, host, host_metrics
 
     def after_update(self, metrics: Any, host_metrics: dict[str, float]) -> dict[str, float]:
