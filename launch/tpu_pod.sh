@@ -33,6 +33,17 @@
 #   launch/tpu_pod.sh logs
 #   tensorboard --logdir=gs://my-bucket/runs/sft-v5p/tb      # or launch.plot / launch.eval on it
 #
+# GRPO on v5p-64 (32 chips, 8 hosts) with the sampler on chips of its own, one rollout ahead
+# of the trainer: each host gives rl.rollout_devices / 8 = 1 chip to the sampler
+# (tensor-parallel over those 8 chips on ICI), the other 24 train FSDP; the weights are
+# copied across before each rollout (logged: handoff/bytes, time/handoff_s; rollout/overlap,
+# rl/policy_lag; the README's RL section has the plan this follows):
+#
+#   launch/tpu_pod.sh train --config=configs/grpo.py:hf --workdir=gs://my-bucket/runs/grpo-v5p \
+#       --config.model.init_from=hf:gs://my-bucket/models/my-sft --config.mesh.data=1 \
+#       --config.mesh.fsdp=24 --config.rl.rollout_devices=8 --config.rl.rollout_mesh.tensor=8 \
+#       --config.rl.async_steps=1
+#
 # Mesh settings for common slices:
 #   v4-8   (4 chips, 1 host):   --config.mesh.data=1 --config.mesh.fsdp=4  (data=4 for small models)
 #   v5p-32 (16 chips, 4 hosts): --config.mesh.data=1 --config.mesh.fsdp=16 (or data=4, fsdp=4)
