@@ -65,6 +65,22 @@ def test_inflight_rollout_encoding_is_exact():
         assert back[0][0][k].dtype == v.dtype and np.array_equal(back[0][0][k], v)
 
 
+def _stopped_and_resumed(config, workdir, stop, rows):
+    """Runs ``config`` to step ``stop`` (checkpointing there), resumes it to the end and
+    checks that every logged number but timing equals the uninterrupted run's ``rows``."""
+    trainer = Trainer(config, str(workdir))
+    try:
+        trainer.fit(num_steps=stop)
+    finally:
+        trainer.close()
+    train(config, str(workdir))
+    resumed = _rows(workdir)
+    assert [r["step"] for r in resumed] == [r["step"] for r in rows]
+    for ra, rb in zip(rows, resumed, strict=True):
+        assert _numbers(ra) == _numbers(rb), ra["step"]
+    return workdir
+
+
 @pytest.mark.slow
 def test_sampler_on_its_own_devices_changes_nothing_else(tmp_path):
     """Synchronous, the sampler on 4 devices of its own (weights handed off each rollout)
@@ -108,17 +124,7 @@ def test_async_one_step_ahead_tags_learns_and_resumes_exactly(tmp_path):
     assert len(evals) == 2 and evals[1] > evals[0] + 0.2, evals  # greedy reward, held out
 
     # Stopped at step 3 (its checkpoint holds the rollout in flight), then resumed.
-    part = tmp_path / "part"
-    trainer = Trainer(config, str(part))
-    try:
-        trainer.fit(num_steps=3)
-    finally:
-        trainer.close()
-    train(config, str(part))
-    resumed = _rows(part)
-    assert [r["step"] for r in resumed] == list(range(1, 9))
-    for ra, rb in zip(rows, resumed, strict=True):
-        assert _numbers(ra) == _numbers(rb), ra["step"]
+    part = _stopped_and_resumed(config, tmp_path / "part", 3, rows)
     (_, full), (_, again) = _final_params(tmp_path / "full"), _final_params(part)
     for x, y in zip(jax.tree.leaves(full), jax.tree.leaves(again), strict=True):
         assert np.array_equal(x, y)
@@ -137,12 +143,4 @@ def test_async_ppo_rollouts_of_several_updates_resume_exactly(tmp_path):
     assert [r["rl/policy_version"] for r in rows] == [0] * 8 + [4] * 4
     assert [r["rl/policy_lag"] for r in rows] == [0, 1, 2, 3, 4, 5, 6, 7, 4, 5, 6, 7]
     assert all(np.isfinite(r["loss"]) for r in rows)
-    part = tmp_path / "part"
-    trainer = Trainer(config, str(part))
-    try:
-        trainer.fit(num_steps=4)
-    finally:
-        trainer.close()
-    train(config, str(part))
-    for ra, rb in zip(rows, _rows(part), strict=True):
-        assert _numbers(ra) == _numbers(rb), ra["step"]
+    _stopped_and_resumed(config, tmp_path / "part", 4, rows)
