@@ -42,11 +42,15 @@ real-model: $(REAL_GGUF)
 demo-real: $(VENV)/.installed $(REAL_GGUF)
 	$(PY) -m launch.pipeline --config=configs/pipeline.py:real --workdir=$(REAL_DIR)
 
+# The suite runs in TEST_WORKERS pytest processes side by side (pytest-xdist), then the
+# tests marked serial (several JAX processes each, which must not wait on a busy CPU) alone.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not serial"
+	$(PY) -m pytest -m serial
 
 test-fast: $(VENV)/.installed-dev
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 notebooks: $(VENV)/.installed-dev
 	$(PY) notebooks/run_all.py

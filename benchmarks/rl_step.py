@@ -21,10 +21,13 @@ gain (which needs devices that really run side by side).
 
     python -m benchmarks.rl_step            # 'small' demo shape, 128 rows x (32 + 16)
     python -m benchmarks.rl_step --quick    # tiny shape, seconds
+    python -m benchmarks.rl_step --model=llama3.2-1b --dtype=bfloat16 --batch=64 \
+        --prompt-len=128 --new-tokens=256 --layouts=shared     # one GPU, 1B, synchronous
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -46,17 +49,19 @@ def _even_ids(completions, records, ctx):
             for ids in ctx.completion_ids]
 
 
-def _config(quick: bool, steps: int, layout: str, devices: int):
+def _config(args: argparse.Namespace, steps: int, layout: str, devices: int):
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     from configs.grpo import get_config
 
     config = get_config("test")
     config.unlock()
-    if not quick:
-        config.model = model_config("small")
-        config.data.max_len = config.data.max_prompt_len = 32
-        config.rl.num_samples, config.rl.max_new_tokens = 8, 16
-        config.train.batch_size = 128
+    if not args.quick or args.model:
+        config.model = model_config(args.model or "small")
+        config.data.max_len = config.data.max_prompt_len = args.prompt_len
+        config.rl.num_samples, config.rl.max_new_tokens = 8, args.new_tokens
+        config.train.batch_size = args.batch
+    if args.dtype:
+        config.model.dtype = args.dtype
     config.model.init_from = "scratch"
     config.rl.rewards = "bench_even_ids"
     config.rl.kl_coef = 0.04
@@ -73,14 +78,15 @@ def _config(quick: bool, steps: int, layout: str, devices: int):
     return config
 
 
-def run_layout(quick: bool, steps: int, layout: str, devices: int) -> tuple[list[dict], float]:
+def run_layout(args: argparse.Namespace, steps: int, layout: str, devices: int
+               ) -> tuple[list[dict], float]:
     """The measured steps' logged rows and their median seconds per step (the host's
     time from one step's batch to the next's)."""
     from jaxalign.train import train
 
     warm = 2  # the first rollouts, passes and updates compile
     with tempfile.TemporaryDirectory() as workdir:
-        train(_config(quick, steps, layout, devices), workdir)
+        train(_config(args, steps, layout, devices), workdir)
         with open(os.path.join(workdir, "metrics.jsonl")) as f:
             rows = [r for r in map(json.loads, f) if r["split"] == "train"][warm:]
     return rows, _median(rows, "time/step_s")
@@ -93,6 +99,12 @@ def _median(rows: list[dict], key: str) -> float:
 def main() -> None:
     parser = report.parser(__doc__, reps=None)
     parser.add_argument("--steps", type=int, default=0)
+    parser.add_argument("--model", default="",
+                        help="model preset, e.g. llama3.2-1b (random weights); default small")
+    parser.add_argument("--batch", type=int, default=128, help="rows (completions) per step")
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--dtype", default="", help="compute dtype, e.g. bfloat16 on a GPU")
     parser.add_argument("--layouts", default="shared,split,async",
                         help="comma-separated: shared, split, async (split layouts need "
                              "2+ devices; on CPU 8 fake devices are made)")
@@ -105,8 +117,8 @@ def main() -> None:
         print("(split layouts need several devices: run with JAX_NUM_CPU_DEVICES=8)")
         layouts = ["shared"]
     devices = jax.device_count()
-    shape = "quick" if args.quick else "small"
-    results = {layout: run_layout(args.quick, steps, layout, devices) for layout in layouts}
+    shape = args.model or ("quick" if args.quick else "small")
+    results = {layout: run_layout(args, steps, layout, devices) for layout in layouts}
     print(f"B9 RL step split (GRPO, {shape} shape, {steps - 2} measured steps, "
           f"{devices} {jax.default_backend()} devices, f32)")
     print(f"{'layout':<7} " + " ".join(f"{p:>9}" for p in PARTS)
@@ -117,6 +129,12 @@ def main() -> None:
               + f" {_median(rows, 'time/rollout_s'):9.3f} {_median(rows, 'rollout/overlap'):7.2f}"
               f" {_median(rows, 'handoff/bytes') / 1e6:10.2f}"
               f" {_median(rows, 'rl/policy_lag'):4.0f} {per_step:7.3f}")
+    # The paper plan's inputs: completion tokens per second of sampling and of the update.
+    for layout, (rows, _) in results.items():
+        decode = _median(rows, "count/tokens") / max(_median(rows, "time/rollout_s"), 1e-9)
+        update = _median(rows, "count/tokens") / max(_median(rows, "time/update_s"), 1e-9)
+        print(f"{layout}: sampler {decode:,.0f} completion tokens/s, update {update:,.0f} "
+              f"completion tokens/s (rollout / update time {update / decode:.2f})")
     base_rows, base_step = results[layouts[0]]
     fracs = {p: [r[f"time_frac/{p}"] for r in base_rows] for p in PARTS}
     split = " / ".join(f"{p} {statistics.median(fracs[p]):.3f}" for p in PARTS)

@@ -17,6 +17,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
                       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
+# The tests' programs are tiny: XLA's backend optimisation costs more compile time than it
+# saves in run time. Every run of the suite (and every process a test starts, which
+# inherits this) compiles alike, so comparisons between runs still hold.
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_backend_optimization_level=0").strip()
+
 import jax  # noqa: E402
 
 assert jax.device_count() == 8, "tests need 8 fake CPU devices; import jax after conftest"

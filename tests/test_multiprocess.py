@@ -14,7 +14,8 @@ import pytest
 
 from jaxalign.metrics import read_jsonl
 
-pytestmark = pytest.mark.slow  # starts processes
+# Starts processes that meet in collectives: run alone, not beside other tests.
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One record per row: packing fills rows within each process's share of the records, so

@@ -27,7 +27,8 @@ from test_reliability import _final_params
 
 from jaxalign.metrics import read_jsonl
 
-pytestmark = pytest.mark.slow  # starts processes
+# Starts processes that meet in collectives: run alone, not beside other tests.
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER = os.path.join(ROOT, "tests", "mp_rl_driver.py")
