@@ -194,7 +194,8 @@ class Rollout:
         self.reference = (ctx.initial_params() if rl.kl_coef > 0 and not self.shared_reference
                           else None)
         # The sampler's own devices (rl.rollout_devices), or the training mesh.
-        self.devices = (rollout_mesh.SamplerDevices(config, mesh, ctx.param_shardings)
+        self.devices = (rollout_mesh.SamplerDevices(config, mesh, ctx.param_shardings,
+                                                    model_def.trainable)
                         if rl.rollout_devices else None)
         if self.devices is not None:
             mesh = self.devices.mesh

@@ -116,10 +116,13 @@ class SamplerDevices:
       train_mesh: the training mesh; must not share a device with the sampler's.
       param_shardings: the training params' shardings, whose partition specs (by the
         same logical rules) are laid over the sampler's mesh.
+      trainable: a bool tree like the params (LoRA: the adapters), or None (all train).
+        Frozen leaves never change, so after the first hand-off only the trainable
+        ones are copied; the sampler keeps its first copy of the rest.
     """
 
     def __init__(self, config: ml_collections.ConfigDict, train_mesh: Mesh,
-                 param_shardings: Any):
+                 param_shardings: Any, trainable: Any = None):
         devices = split_devices(int(config.rl.rollout_devices))[1]
         shared = set(devices) & set(train_mesh.devices.flat)
         if shared:
@@ -131,9 +134,13 @@ class SamplerDevices:
                                       param_shardings)
         self._replicate = jax.jit(lambda x: x, out_shardings=NamedSharding(
             train_mesh, jax.sharding.PartitionSpec()))
+        self._trainable = (None if trainable is None
+                           else [bool(t) for t in jax.tree.leaves(trainable)])
+        self._frozen: list[jax.Array | None] | None = None  # the sampler's frozen leaves
 
-    def place(self, params: Any) -> Any:
-        """A copy of ``params`` (sharded like the training params) on the sampler's mesh.
+    def place(self, params: Any, shardings: Any = None) -> Any:
+        """A copy of ``params`` (sharded like the training params, or by ``shardings`` of
+        the same structure) on the sampler's mesh.
 
         One process: a direct device-to-device resharding. Several: JAX reshards across
         hosts only between equal device sets, so each leaf is first gathered whole onto
@@ -141,9 +148,10 @@ class SamplerDevices:
         replicated), then every process copies the pieces its sampler devices hold from
         its own replica — one leaf at a time, so at most one extra whole leaf per device.
         """
+        shardings = self.shardings if shardings is None else shardings
         if jax.process_count() == 1:
-            return jax.device_put(params, self.shardings)
-        return jax.tree.map(self._place_leaf, params, self.shardings)
+            return jax.device_put(params, shardings)
+        return jax.tree.map(self._place_leaf, params, shardings)
 
     def _place_leaf(self, x: jax.Array, target: NamedSharding) -> jax.Array:
         whole = x if x.is_fully_replicated else self._replicate(x)
@@ -153,17 +161,27 @@ class SamplerDevices:
         return jax.make_array_from_single_device_arrays(x.shape, target, pieces)
 
     def handoff(self, params: Any) -> tuple[Any, dict[str, float]]:
-        """The weights copied onto the sampler's mesh, with the copy's bytes and seconds.
+        """The weights copied onto the sampler's mesh, with the copy's bytes and seconds
+        (after the first hand-off, the trainable leaves only).
 
         Waits for the update that produced ``params`` first, so the seconds are the
         transfer's alone.
         """
         jax.block_until_ready(params)
         t0 = time.perf_counter()
-        copy = jax.block_until_ready(self.place(params))
-        nbytes = sum(x.nbytes for x in jax.tree.leaves(params))
-        return copy, {"time/handoff_s": time.perf_counter() - t0,
-                      "handoff/bytes": float(nbytes)}
+        leaves, treedef = jax.tree.flatten(params)
+        moved = (self._trainable if self._trainable is not None and self._frozen is not None
+                 else [True] * len(leaves))
+        sub = [x for x, m in zip(leaves, moved, strict=True) if m]
+        sub_shardings = [s for s, m in zip(jax.tree.leaves(self.shardings), moved,
+                                           strict=True) if m]
+        copied = iter(jax.block_until_ready(self.place(sub, sub_shardings)))
+        out = [next(copied) if m else self._frozen[i] for i, m in enumerate(moved)]
+        if self._trainable is not None and self._frozen is None:
+            self._frozen = [None if t else x for x, t in zip(out, self._trainable, strict=True)]
+        return jax.tree.unflatten(treedef, out), {
+            "time/handoff_s": time.perf_counter() - t0,
+            "handoff/bytes": float(sum(x.nbytes for x in sub))}
 
 
 # -- in-flight rollouts in a checkpoint --------------------------------------------------------

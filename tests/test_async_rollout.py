@@ -13,6 +13,7 @@ from test_reliability import _final_params
 
 from jaxalign import rollout_mesh
 from jaxalign.mesh import make_mesh
+from jaxalign.models import lora as lora_lib
 from jaxalign.train import Trainer, train
 
 # Metrics that time the run, and so differ between runs.
@@ -82,18 +83,24 @@ def _stopped_and_resumed(config, workdir, stop, rows):
 
 
 @pytest.mark.slow
-def test_sampler_on_its_own_devices_changes_nothing_else(tmp_path):
+@pytest.mark.parametrize("lora", [False, True])
+def test_sampler_on_its_own_devices_changes_nothing_else(tmp_path, lora):
     """Synchronous, the sampler on 4 devices of its own (weights handed off each rollout)
-    logs the numbers of the sampler sharing the 4 training devices."""
-    steps = {"train.steps": 4}
+    logs the numbers of the sampler sharing the 4 training devices. With LoRA only the
+    adapters are handed off after the first rollout."""
+    steps = {"train.steps": 4, "model.lora.rank": 4 if lora else 0}
     own = _config(**steps, **{"rl.rollout_devices": 4})
     train(own, str(tmp_path / "own"))
     shared = _config(**steps)
     train(shared, str(tmp_path / "shared"), mesh=make_mesh(shared.mesh, jax.devices()[:4]))
     a, b = _rows(tmp_path / "own"), _rows(tmp_path / "shared")
     _, params = _final_params(tmp_path / "own")
-    nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-    assert all(r["handoff/bytes"] == nbytes for r in a)
+    leaves = jax.tree.leaves_with_path(params)
+    nbytes = sum(x.nbytes for _, x in leaves)
+    adapters = sum(x.nbytes for path, x in leaves
+                   if lora_lib.is_adapter_path([getattr(k, "key", k) for k in path]))
+    assert (adapters > 0) == lora
+    assert [r["handoff/bytes"] for r in a] == [nbytes] + [adapters if lora else nbytes] * 3
     assert all(r["rl/policy_lag"] == 0 for r in a)
     for ra, rb in zip(a, b, strict=True):
         na, nb = _numbers(ra), _numbers(rb)
