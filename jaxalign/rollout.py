@@ -234,13 +234,6 @@ class Rollout:
     def load_state(self, state: Mapping[str, Any]) -> None:
         self.host_state = dict(state)
 
-    def __call__(self, state: Mapping[str, Any], host: Mapping[str, Any], step: int
-                 ) -> list[tuple[dict[str, jax.Array], dict[str, np.ndarray],
-                                 dict[str, float]]]:
-        """The training batches of one rollout sampled with ``state``'s params and trained
-        from ``step`` on: :meth:`start` then :meth:`finish`."""
-        return self.finish(self.start(state, host, step, version=step))
-
     def start(self, state: Mapping[str, Any], host: Mapping[str, Any], step: int, *,
               version: int) -> Started:
         """Dispatches the sampler on a prompt batch and returns while it runs.
