@@ -191,16 +191,18 @@ class Rollout:
             ref_def = ModelDef(lora.without_adapters(model_def.graphdef,
                                                      model_def.abstract_state),
                                model_def.abstract_state)
-        self.reference = (ctx.initial_params() if rl.kl_coef > 0 and not self.shared_reference
-                          else None)
         # The sampler's own devices (rl.rollout_devices), or the training mesh.
         self.devices = (rollout_mesh.SamplerDevices(config, mesh, ctx.param_shardings,
                                                     model_def.trainable)
                         if rl.rollout_devices else None)
+        self.reference = None
+        if rl.kl_coef > 0 and not self.shared_reference:
+            # With devices of its own, only the sampler's keep a reference copy (built
+            # outside the run's cache, so the training devices' one is freed).
+            self.reference = (ctx.initial_params() if self.devices is None
+                              else self.devices.place(ctx.initial_params_fn()))
         if self.devices is not None:
             mesh = self.devices.mesh
-            if self.reference is not None:
-                self.reference = self.devices.place(self.reference)
         self.mesh = mesh
         # Asynchronous batches come from older weights: the update's ratio needs the
         # behaviour policy's log-probs even when each rollout feeds one update.
