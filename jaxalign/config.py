@@ -185,6 +185,9 @@ def data_config() -> ml_collections.ConfigDict:
                        "of training for evaluation (at least 1 record); 0 = no eval"),
         eval_max_records=(1000, "data.eval=auto over user records: at most this many held "
                           "out"),
+        tasks=("", "comma-separated task names: keep only the training records whose "
+               "\"task\" field is one of them (e.g. the families an RL stage should practise); "
+               "\"\" = every record"),
         train_split=("train", "split of the training source"),
         eval_split=("eval", "split of the eval source"),
         dir=("", "where JSONL/Parquet conversions and TFDS datasets live (a local directory: "

@@ -103,6 +103,21 @@ def test_task_eval_pass_and_majority():
     assert [s["completion"] for s in out.samples] == ["5", "4", "12"]
     assert out.samples[0]["sample_scores"] == [1.0, 0.0, 1.0, 0.0]
     assert {c[1] for c in policy.calls} == {0.0, 1.0}
+    # per task: addition c = 2 of 4 -> 5/6; multiplication none right.
+    assert m["pass@2/addition"] == pytest.approx(5 / 6) and m["pass@2/multiplication"] == 0.0
+    assert m["sample_accuracy/subtraction"] == pytest.approx(0.5)
+    assert [s["task"] for s in out.samples] == ["addition", "subtraction", "multiplication"]
+
+
+def test_task_eval_keeps_only_the_named_task_families_before_the_limit():
+    records = [{"prompt": f"What is {i} + 1?", "answer": str(i + 1), "task": t}
+               for i, t in enumerate(["addition", "reverse", "addition", "reverse"] * 3)]
+    policy = StubPolicy({r["prompt"]: (r["answer"], []) for r in records})
+    out = eval_suite.run_evals(eval_suite.EvalContext(policy), {
+        "t": {"kind": "task", "source": "mem", "tasks": ["reverse"], "limit": 4}},
+        load=lambda source, split: records)
+    assert out["metrics"]["t/count"] == 4 and out["metrics"]["t/pass@1/reverse"] == 1.0
+    assert "t/pass@1/addition" not in out["metrics"]
 
 
 def test_safety_eval_refusal_and_over_refusal():

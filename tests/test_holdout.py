@@ -46,6 +46,21 @@ def test_auto_eval_of_user_records_is_a_disjoint_slice_of_the_training_source():
         r["prompt"] for r in _records(40)}
 
 
+def test_data_tasks_keeps_the_named_families_for_training_only():
+    data = preset("grpo", "test", **{"data.train": "builtin:world",
+                                     "data.tasks": "addition, reverse"}).data
+    tok = load_tokenizer("builtin:world")
+    train = Loader(DataSettings.from_config(data, "train", "prompt", 4), tok)
+    tasks = {train.source[i]["task"] for i in range(len(train.source))}
+    assert tasks == {"addition", "reverse"} and "tasks addition,reverse" in train.source.name
+    evals = Loader(DataSettings.from_config(data, "eval", "prompt", 4), tok)
+    assert len({evals.source[i].get("task") for i in range(len(evals.source))}) > 2
+    data.tasks = "adition"
+    with pytest.raises(ValueError, match=r"no record has a task in data.tasks=\['adition'\]; "
+                       r"its tasks: \['addition'"):
+        Loader(DataSettings.from_config(data, "train", "prompt", 4), tok)
+
+
 def test_auto_eval_of_a_builtin_source_is_its_eval_split_and_fraction_zero_is_off():
     data = preset("sft", "test").data
     se = DataSettings.from_config(data, "eval", "sft", 4)

@@ -84,3 +84,40 @@ def has_eval(data: Any) -> bool:
     if data.eval == AUTO:
         return data.train.startswith("builtin:") or uses_holdout(data)
     return bool(data.eval)
+
+
+def task_names(spec: str) -> tuple[str, ...]:
+    """``data.tasks`` (comma-separated names) as a tuple; ``""`` = no filter."""
+    return tuple(t.strip() for t in str(spec or "").split(",") if t.strip())
+
+
+def of_tasks(source: Any, tasks: tuple[str, ...]) -> SubsetSource:
+    """The records of ``source`` whose ``task`` field is one of ``tasks`` (``data.tasks``).
+
+    A record that cannot be read or is not an object stays in, so that validation reports
+    it where it lives.
+
+    Raises:
+      ValueError: naming the source, the names asked for and those it has, if no record
+        matches.
+    """
+    keep, seen, matched = [], set(), 0
+    for i in range(len(source)):
+        try:
+            record = source[i]
+        except Exception:  # reported with its location by the loader's validation
+            keep.append(i)
+            continue
+        if not isinstance(record, dict):
+            keep.append(i)
+            continue
+        task = record.get("task")
+        seen.add(str(task))
+        if task in tasks:
+            keep.append(i)
+            matched += 1
+    if not matched:
+        raise ValueError(f"{source.name}: no record has a task in data.tasks={list(tasks)}; "
+                         f"its tasks: {sorted(seen)[:20]}")
+    return SubsetSource(source, np.asarray(keep, np.int64),
+                        f"{source.name} (tasks {','.join(tasks)}: {len(keep)} of {len(source)})")

@@ -113,6 +113,7 @@ class DataSettings:
     holdout: str = ""
     eval_fraction: float = 0.0
     eval_max_records: int = 0
+    tasks: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, data: Any, split: str, fmt: str, batch_size: int) -> DataSettings:
@@ -129,6 +130,7 @@ class DataSettings:
         return cls(
             source=source, split=src_split, holdout=side,
             eval_fraction=data.eval_fraction, eval_max_records=data.eval_max_records,
+            tasks=holdout.task_names(data.tasks) if train else (),
             fmt=fmt, batch_size=batch_size, max_len=data.max_len,
             max_prompt_len=data.max_prompt_len, data_dir=data.dir,
             fields={k: v for k, v in dict(data.fields).items() if v},
@@ -499,6 +501,8 @@ class Loader:
         if s.holdout:
             self.source = holdout.split(self.source, s.holdout, s.eval_fraction,
                                         s.eval_max_records, s.seed)
+        if s.tasks:
+            self.source = holdout.of_tasks(self.source, s.tasks)
         self.encoder = Encoder(s.fmt, tokenizer, template=s.chat_template, max_len=s.max_len,
                                max_prompt_len=s.max_prompt_len, overlong=s.overlong,
                                on_bad_record=s.on_bad_record)

@@ -173,6 +173,12 @@ def of_kinds(records: Sequence[dict], kinds: Sequence[str]) -> list[dict]:
     return [r for r in records if r.get("kind", "task") in kinds]
 
 
+def of_tasks(records: Sequence[dict], tasks: Sequence[str]) -> list[dict]:
+    """The records whose ``task`` is one of ``tasks`` (e.g. the families an RL stage trains
+    on)."""
+    return [r for r in records if r.get("task") in tasks]
+
+
 def _key_seed(seed: int, name: str) -> int:
     # Each entry gets its own stream; the same entry samples the same way for every policy.
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**31
@@ -205,6 +211,8 @@ def run_evals(ctx: EvalContext, entries: Mapping[str, Mapping[str, Any]], *,
         records = load(opts["source"], opts["split"])
         if "kinds" in opts:  # filter first, so that a limit counts records the eval uses
             records = of_kinds(records, opts["kinds"])
+        if opts.get("tasks"):
+            records = of_tasks(records, opts["tasks"])
         records = select(records, opts["limit"], ctx.seed)
         sub = dataclasses.replace(ctx, seed=_key_seed(ctx.seed, name))
         start = time.perf_counter()
@@ -302,7 +310,7 @@ def loss_eval(ctx: EvalContext, records: list[dict], opts: dict[str, Any]) -> Ev
 
 
 @register_eval("task", max_new_tokens=16, num_samples=0, k=1, temperature=1.0,
-               check="exact_answer", kinds=("task",))
+               check="exact_answer", kinds=("task",), tasks=())
 def task_eval(ctx: EvalContext, records: list[dict], opts: dict[str, Any]) -> EvalResult:
     """Verifiable task accuracy: greedy pass@1, and pass@k / maj@k over sampled completions.
 
@@ -312,7 +320,8 @@ def task_eval(ctx: EvalContext, records: list[dict], opts: dict[str, Any]) -> Ev
     ``maj@k`` the accuracy of the majority answer among the first k samples, and
     ``sample_accuracy`` the mean correctness of all samples (pass@1 under sampling).
     Records of other ``kinds`` (e.g. safety prompts) are left out; records without a
-    ``kind`` count as tasks.
+    ``kind`` count as tasks. ``tasks`` (task names) keeps only those families, before
+    ``limit`` picks. Every metric also comes per task (``pass@8/addition``).
     """
     records = of_kinds(records, opts["kinds"])
     if not records:
@@ -326,8 +335,9 @@ def task_eval(ctx: EvalContext, records: list[dict], opts: dict[str, Any]) -> Ev
     tasks = [r.get("task", "all") for r in records]
     metrics = {"pass@1": float(np.mean(hits)), "count": float(len(records))}
     metrics.update(_per_group(hits, tasks, "pass@1"))
-    samples = [{"prompt": r["prompt"], "answer": r.get("answer"), "completion": t,
-                "score": float(h)} for r, t, h in zip(records, texts, hits, strict=True)]
+    samples = [{"prompt": r["prompt"], "task": r.get("task"), "answer": r.get("answer"),
+                "completion": t, "score": float(h)}
+               for r, t, h in zip(records, texts, hits, strict=True)]
     n, k = opts["num_samples"], opts["k"]
     if n:
         if not 0 < k <= n:
@@ -344,6 +354,8 @@ def task_eval(ctx: EvalContext, records: list[dict], opts: dict[str, Any]) -> Ev
         maj_k = [maj_at_k(t, ok, k) for t, ok in zip(texts_pn, ok_pn, strict=True)]
         metrics.update({f"pass@{k}": float(np.mean(pass_k)), f"maj@{k}": float(np.mean(maj_k)),
                         "sample_accuracy": float(ok_pn.mean())})
+        metrics.update(_per_group(pass_k, tasks, f"pass@{k}"))
+        metrics.update(_per_group(ok_pn.mean(axis=1), tasks, "sample_accuracy"))
         for s, t, ok in zip(samples, texts_pn, ok_pn, strict=True):
             s.update(samples=t, sample_scores=ok.astype(float).tolist())
     return EvalResult(metrics, samples)
